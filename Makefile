@@ -1,0 +1,43 @@
+# sparkdl — two set-up commands: `make demo` and `make test`.
+# The torch pin matters: an unpinned torch pulls several GB of CUDA packages.
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export PYARROW_IGNORE_TIMEZONE = 1
+
+.PHONY: venv demo test lint typecheck test-unit test-fast bench clean
+
+# The venv is rebuilt when setup.cfg or this Makefile changes; otherwise reused.
+$(VENV)/.installed: setup.cfg Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]" "$(TORCH_SPEC)"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	PYSPARK_PYTHON=$(abspath $(PY)) $(PY) jobs/train.py --config jobs/configs/digits.toml --set run.run_dir=runs/demo --set run.mode=overwrite
+
+test: venv
+	PYSPARK_PYTHON=$(abspath $(PY)) $(PY) -m pytest -q tests
+
+test-unit: venv
+	$(PY) -m pytest -q -m "unit" tests
+
+lint: venv
+	$(VENV)/bin/ruff check sparkdl jobs tests data
+	$(VENV)/bin/ruff format --check sparkdl jobs tests data
+
+typecheck: venv
+	$(VENV)/bin/mypy sparkdl
+
+bench: venv
+	PYSPARK_PYTHON=$(abspath $(PY)) $(PY) jobs/benchmark.py all
+
+clean:
+	rm -rf $(VENV) .venv-compat runs .pytest_cache build *.egg-info

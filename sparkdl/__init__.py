@@ -1,0 +1,55 @@
+"""[any] sparkdl: train PyTorch models on Spark data. Public API only; no logic here.
+
+Names load on first use, so a worker process that imports sparkdl.train never loads pyspark.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "CheckpointError": "sparkdl.errors",
+    "ConfigError": "sparkdl.errors",
+    "DataError": "sparkdl.errors",
+    "RankFailure": "sparkdl.errors",
+    "RendezvousError": "sparkdl.errors",
+    "SparkdlError": "sparkdl.errors",
+    "WorkerGroupError": "sparkdl.errors",
+    "ShardedDataset": "sparkdl.data",
+    "materialize": "sparkdl.data",
+    "Distributor": "sparkdl.launch",
+    "get_context": "sparkdl.launch.context",
+    "TorchEstimator": "sparkdl.ml.estimator",
+    "TorchModel": "sparkdl.ml.estimator",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'sparkdl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from sparkdl.data import ShardedDataset, materialize
+    from sparkdl.errors import (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        RankFailure,
+        RendezvousError,
+        SparkdlError,
+        WorkerGroupError,
+    )
+    from sparkdl.launch import Distributor
+    from sparkdl.launch.context import get_context
+    from sparkdl.ml.estimator import TorchEstimator, TorchModel

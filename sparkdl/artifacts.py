@@ -1,0 +1,122 @@
+"""[driver] The run directory and its Spark-facing artifacts: run.json, metrics DataFrame, plots.
+
+Layout of a run directory::
+
+    run.json        status (running → succeeded | failed), config, versions, timings, metrics
+    data/           the materialized ShardedDataset (when fit materialized the DataFrame)
+    model/          state_dict.pt (weights_only), model.json, architecture.pkl (when pickled)
+    metrics/        Parquet rows (epoch, step, split, name, value, wall_time)
+    plots/          PNG plots of the metrics (when matplotlib is installed)
+
+run.json is rewritten atomically at each status change; a run whose status is not
+``succeeded`` is not complete, whatever else the directory holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from typing import TYPE_CHECKING, Any
+
+from sparkdl.errors import ConfigError
+from sparkdl.train.model_io import atomic_write_bytes, local_path
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+__all__ = ["RunDirectory", "package_versions"]
+
+RUN_FILE = "run.json"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a run depends on, for run.json."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("sparkdl-torch", "torch", "pyspark", "pyarrow", "numpy", "pandas"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class RunDirectory:
+    """One training run's directory, owned by the driver."""
+
+    def __init__(self, path: str) -> None:
+        self.uri = path
+        self.path = os.path.abspath(local_path(path))
+        self._record: dict[str, Any] = {}
+
+    def sub(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def prepare(self, *, overwrite: bool) -> None:
+        """Create the directory; refuse a non-empty one unless ``overwrite`` (then clear it)."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ConfigError(f"run_dir must be a directory, got the file {self.path!r}. Pick another path")
+        if os.path.isdir(self.path) and os.listdir(self.path):
+            if not overwrite:
+                raise ConfigError(
+                    f"run_dir must be empty or new, got the existing directory {self.path!r}. "
+                    "Pass overwrite=True to replace it, or choose another run_dir"
+                )
+            shutil.rmtree(self.path)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            probe = self.sub(".sparkdl-write-probe")
+            with open(probe, "w") as fh:
+                fh.write("ok")
+            os.remove(probe)
+        except OSError as exc:
+            raise ConfigError(
+                f"run_dir must be writable, got {self.path!r} ({exc.strerror}). "
+                "Choose a directory you can write to"
+            ) from exc
+
+    def start(self, config: dict[str, Any], world_size: int) -> None:
+        """Record the run as running."""
+        self._record = {
+            "status": "running",
+            "run_dir": self.path,
+            "config": config,
+            "versions": package_versions(),
+            "world_size": world_size,
+            "started_at": time.time(),
+            "timings": {},
+        }
+        self._write()
+
+    def finish(self, *, metrics: dict[str, float], timings: dict[str, float], extra: dict[str, Any]) -> None:
+        """Record success with final metrics and timings."""
+        self._record.update(status="succeeded", metrics=metrics, finished_at=time.time(), **extra)
+        self._record["timings"].update(timings)
+        self._write()
+
+    def fail(self, error: BaseException, timings: dict[str, float]) -> None:
+        """Record failure with the error's type and text."""
+        self._record.update(
+            status="failed",
+            finished_at=time.time(),
+            error={"type": type(error).__name__, "message": str(error)},
+        )
+        self._record.setdefault("timings", {}).update(timings)
+        self._write()
+
+    def _write(self) -> None:
+        data = json.dumps(self._record, indent=2, sort_keys=True, default=str).encode()
+        atomic_write_bytes(self.sub(RUN_FILE), data)
+
+    def summary(self) -> dict[str, Any]:
+        """run.json as a dict."""
+        with open(self.sub(RUN_FILE)) as fh:
+            return json.load(fh)
+
+    def metrics_df(self, spark: SparkSession) -> DataFrame:
+        """The metrics as a Spark DataFrame (epoch, step, split, name, value, wall_time)."""
+        return spark.read.parquet(self.sub("metrics"))

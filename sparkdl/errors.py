@@ -1,0 +1,104 @@
+"""[any] sparkdl's exception hierarchy; every class pickles, so errors cross process and task boundaries.
+
+Messages follow the house form: ``"<what> must be <constraint>, got <value>. <how to fix>."``
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import traceback as _traceback
+from dataclasses import asdict, dataclass
+
+__all__ = [
+    "SparkdlError",
+    "ConfigError",
+    "DataError",
+    "RendezvousError",
+    "CheckpointError",
+    "RankFailure",
+    "WorkerGroupError",
+]
+
+
+class SparkdlError(Exception):
+    """Base class of every error sparkdl raises on purpose."""
+
+
+class ConfigError(SparkdlError, ValueError):
+    """A configuration value, or its fit with the data or the cluster, is wrong."""
+
+
+class DataError(SparkdlError):
+    """The input data (DataFrame, dataset files, manifest) is missing, malformed or corrupt."""
+
+
+class RendezvousError(SparkdlError):
+    """Workers could not find each other or form a process group."""
+
+
+class CheckpointError(SparkdlError):
+    """A checkpoint could not be written, found or loaded."""
+
+
+_FAILURE_MARK = "SPARKDL_RANK_FAILURE"
+_FAILURE_RE = re.compile(_FAILURE_MARK + r"<([A-Za-z0-9+/=]+)>")
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """One rank's failure: what was raised there, with the original traceback text."""
+
+    rank: int
+    exc_type: str
+    message: str
+    traceback: str
+
+    @classmethod
+    def from_exception(cls, rank: int, exc: BaseException) -> RankFailure:
+        tb = "".join(_traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(rank=rank, exc_type=type(exc).__name__, message=str(exc), traceback=tb)
+
+    def encode(self) -> str:
+        """A one-line marker that survives Spark's exception wrapping and can be parsed back."""
+        payload = base64.b64encode(json.dumps(asdict(self)).encode()).decode()
+        return f"{_FAILURE_MARK}<{payload}>"
+
+    @staticmethod
+    def decode_all(text: str) -> list[RankFailure]:
+        """Every distinct failure marker found in ``text`` (e.g. a Spark job's error), by rank."""
+        found: dict[int, RankFailure] = {}
+        for match in _FAILURE_RE.finditer(text):
+            try:
+                failure = RankFailure(**json.loads(base64.b64decode(match.group(1))))
+            except (ValueError, TypeError):
+                continue
+            found.setdefault(failure.rank, failure)
+        return [found[r] for r in sorted(found)]
+
+
+class WorkerGroupError(SparkdlError):
+    """One or more ranks of a worker group failed; ``failures`` holds one entry per failed rank."""
+
+    def __init__(self, failures: list[RankFailure], detail: str = "") -> None:
+        self.failures = list(failures)
+        self.detail = detail
+        super().__init__(self._summary())
+
+    def _summary(self) -> str:
+        if not self.failures:
+            return f"worker group failed without a rank-tagged error: {self.detail}".strip()
+        lines = [f"{len(self.failures)} rank(s) failed:"]
+        for f in self.failures:
+            lines.append(f"  rank {f.rank}: {f.exc_type}: {f.message}")
+        first = self.failures[0]
+        lines.append(f"original traceback of rank {first.rank}:\n{first.traceback}")
+        return "\n".join(lines)
+
+    @property
+    def ranks(self) -> list[int]:
+        return [f.rank for f in self.failures]
+
+    def __reduce__(self):  # keep the failures when pickled
+        return (type(self), (self.failures, self.detail))

@@ -1,0 +1,62 @@
+"""[worker] Metric rows (epoch, step, split, name, value, wall_time) written as Parquet by the chief.
+
+Each flush writes one complete file under ``<run_dir>/metrics`` (temporary name, then rename),
+so ``spark.read.parquet(run_dir + "/metrics")`` never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sparkdl.train.model_io import atomic_write_bytes, local_path
+
+__all__ = ["METRICS_SCHEMA", "MetricsLog"]
+
+METRICS_SCHEMA = pa.schema(
+    [
+        ("epoch", pa.int32()),
+        ("step", pa.int64()),
+        ("split", pa.string()),
+        ("name", pa.string()),
+        ("value", pa.float64()),
+        ("wall_time", pa.float64()),
+    ]
+)
+
+
+class MetricsLog:
+    """Collects metric rows; only an enabled log (the chief's) writes files."""
+
+    def __init__(self, run_dir: str, *, enabled: bool, attempt: int = 0) -> None:
+        self.dir = os.path.join(local_path(run_dir), "metrics")
+        self.enabled = enabled
+        self.attempt = attempt
+        self._rows: list[tuple[int, int, str, str, float, float]] = []
+        self.latest: dict[str, float] = {}
+        self._flushes = 0
+
+    def record(self, epoch: int, step: int, split: str, name: str, value: float) -> None:
+        self.latest[f"{split}/{name}"] = float(value)
+        if self.enabled:
+            self._rows.append((epoch, step, split, name, float(value), time.time()))
+
+    def flush(self, tag: str) -> None:
+        """(chief only) Write the rows recorded since the last flush as one Parquet file."""
+        if not self.enabled or not self._rows:
+            return
+        columns = list(zip(*self._rows))
+        table = pa.table(
+            [pa.array(col, type=f.type) for col, f in zip(columns, METRICS_SCHEMA)],
+            schema=METRICS_SCHEMA,
+        )
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        name = f"part-{tag}-a{self.attempt:02d}-{self._flushes:05d}.parquet"
+        atomic_write_bytes(os.path.join(self.dir, name), buffer.getvalue())
+        self._flushes += 1
+        self._rows.clear()

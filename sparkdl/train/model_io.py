@@ -1,0 +1,107 @@
+"""[worker] The model directory: weights (weights_only-loadable) and how to rebuild the module.
+
+Layout of ``<run_dir>/model``::
+
+    state_dict.pt      the weights; torch.load(path, weights_only=True) reads it
+    model.json         factory import path + kwargs when the model has one, shapes, versions
+    architecture.pkl   cloudpickled ModelSpec (written by the driver) when there is no import path;
+                       unpickled only with trust_pickle=True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from sparkdl.config import ModelSpec
+from sparkdl.errors import CheckpointError
+
+__all__ = ["save_weights", "write_model_json", "load_module", "local_path", "atomic_write_bytes"]
+
+STATE_FILE = "state_dict.pt"
+META_FILE = "model.json"
+ARCH_FILE = "architecture.pkl"
+
+
+def local_path(path: str) -> str:
+    """A ``file://`` URI or plain path → a local filesystem path."""
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` under a temporary name and rename: readers never see a partial file."""
+    path = local_path(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    # A dot-prefixed temporary name: Spark and pyarrow dataset readers skip hidden files.
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_weights(module: nn.Module, model_dir: str) -> str:
+    """(chief only) Save ``module``'s state dict atomically; returns the file path."""
+    import io
+
+    buffer = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    torch.save(state, buffer)
+    path = os.path.join(local_path(model_dir), STATE_FILE)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def write_model_json(model_dir: str, spec: ModelSpec, extra: dict[str, Any]) -> None:
+    """Describe how to rebuild the module without unpickling when it has an import path."""
+    meta = {
+        "factory": spec.import_path,
+        "kwargs": dict(spec.kwargs) if spec.import_path else {},
+        "torch_version": torch.__version__,
+        **extra,
+    }
+    path = os.path.join(local_path(model_dir), META_FILE)
+    atomic_write_bytes(path, json.dumps(meta, indent=2, sort_keys=True).encode())
+
+
+def read_model_json(model_dir: str) -> dict[str, Any]:
+    path = os.path.join(local_path(model_dir), META_FILE)
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} is missing: {model_dir} is not a sparkdl model directory") from exc
+
+
+def load_module(model_dir: str, *, trust_pickle: bool = False, model: Any = None) -> nn.Module:
+    """Rebuild the module and load its weights with ``weights_only=True``.
+
+    The architecture comes from, in order: ``model`` (a module or factory you pass), the
+    import path in model.json, or architecture.pkl, which is unpickled only when
+    ``trust_pickle=True`` (unpickling runs code: trust the directory's writer first).
+    """
+    root = local_path(model_dir)
+    meta = read_model_json(root)
+    if model is not None:
+        module = ModelSpec(factory=model).build()
+    elif meta.get("factory"):
+        module = ModelSpec(factory=meta["factory"], kwargs=meta.get("kwargs", {})).build()
+    else:
+        arch = os.path.join(root, ARCH_FILE)
+        if not trust_pickle:
+            raise CheckpointError(
+                f"the model in {model_dir} was built from a Python object, stored pickled in "
+                f"{ARCH_FILE}. Pass trust_pickle=True if you trust whoever wrote it, or pass "
+                "model=<module or factory> to rebuild the architecture yourself"
+            )
+        with open(arch, "rb") as fh:
+            module = pickle.load(fh).build()  # noqa: S301 - explicit trust flag
+    state = torch.load(os.path.join(root, STATE_FILE), map_location="cpu", weights_only=True)
+    module.load_state_dict(state)
+    return module

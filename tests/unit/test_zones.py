@@ -1,0 +1,83 @@
+"""The architecture's zones, checked by parsing every module's imports."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+PACKAGE = Path(__file__).resolve().parents[2] / "sparkdl"
+ZONES = {"[any]", "[driver]", "[task]", "[worker]", "[driver/executor]", "[driver+worker]"}
+# testing.py sets up Spark's process environment for local sessions (tests, notebooks, demo).
+ENV_WRITERS = {"launch/rendezvous.py", "testing.py"}
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        yield path.relative_to(PACKAGE).as_posix(), tree
+
+
+def _zone(tree: ast.Module) -> str:
+    doc = ast.get_docstring(tree) or ""
+    return doc.split()[0] if doc else ""
+
+
+def _imports(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _module_name(rel: str) -> str:
+    return "sparkdl." + rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+ALL = dict(_modules())
+ZONE_OF = {_module_name(rel): _zone(tree) for rel, tree in ALL.items()}
+
+
+@pytest.mark.parametrize("rel", sorted(ALL))
+def test_every_module_names_its_zone_and_exports(rel):
+    tree = ALL[rel]
+    assert _zone(tree) in ZONES, f"{rel}: docstring must start with one of {sorted(ZONES)}"
+    assigned = {t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    assert "__all__" in assigned, f"{rel}: define __all__"
+
+
+@pytest.mark.parametrize("rel", sorted(ALL))
+def test_zone_rules(rel):
+    tree = ALL[rel]
+    zone, imports = _zone(tree), _imports(tree)
+    if zone in ("[worker]", "[any]"):
+        assert not any(i == "pyspark" or i.startswith("pyspark.") for i in imports), f"{rel} imports pyspark"
+        for name in imports:
+            target = ZONE_OF.get(name)
+            assert target in (None, "[worker]", "[any]"), f"{rel} ({zone}) imports {name} ({target})"
+    if zone == "[driver]":
+        assert not any(i.startswith("torch.distributed") for i in imports), f"{rel} imports torch.distributed"
+    source = ast.unparse(tree)
+    if rel != "launch/rendezvous.py":
+        assert "BarrierTaskContext" not in source, f"{rel}: only launch/rendezvous.py reads BarrierTaskContext"
+    if rel not in ENV_WRITERS:
+        assert "os.environ" not in source and "getenv" not in source, f"{rel}: env vars belong in rendezvous.py"
+
+
+def test_worker_modules_load_without_pyspark():
+    code = (
+        "import sys; import sparkdl.train.worker, sparkdl.data.loader, sparkdl.sync;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'pyspark');"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
