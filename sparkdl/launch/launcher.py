@@ -1,0 +1,427 @@
+"""[driver] Distributor: run a function on N workers as one Spark barrier stage (or locally).
+
+Before any task starts, the driver checks what would otherwise fail late or hang: worker count,
+dynamic allocation, task slots, the GPU amount per task. The stage's tasks run
+``rendezvous.barrier_task``; a failed rank's error comes back as a marker in Spark's error text
+and is raised here as WorkerGroupError with that rank's original traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from sparkdl.errors import ConfigError, RankFailure, RendezvousError, WorkerGroupError
+from sparkdl.launch.rendezvous import LaunchOptions, barrier_task
+
+__all__ = [
+    "Distributor",
+    "check_dynamic_allocation",
+    "check_gpu_conf",
+    "check_slots",
+    "task_slots",
+    "worker_group_error",
+    "launch_barrier",
+]
+
+log = logging.getLogger("sparkdl")
+
+SLOT_WAIT_CAP_S = 30.0
+"""Longest wait for executors to register before the slot check gives its verdict."""
+_POLL_S = 0.1
+_BACKENDS = ("gloo", "nccl")
+
+
+class Distributor:
+    """Run ``fn(*args, **kwargs)`` on ``num_workers`` workers that form one torch process group.
+
+    Args:
+        num_workers: world size: barrier tasks in Spark, or processes in local mode.
+        use_gpu: give each worker the GPU Spark assigned to its task (``cuda:<address>``, nccl).
+        backend: torch.distributed backend; default nccl with ``use_gpu``, else gloo.
+        timeout_s: bound on the launch wait (executors and slots, all tasks started/joined).
+        spark: the SparkSession to use; default the active one (or a new one from the builder).
+        local_mode: run plain processes on this machine instead of Spark (debugging, tests).
+        collective_timeout_s: the process group's timeout; a dead or hung peer fails the group
+            within it.
+    """
+
+    def __init__(
+        self,
+        num_workers: int = 2,
+        *,
+        use_gpu: bool = False,
+        backend: str | None = None,
+        timeout_s: float = 600,
+        spark: Any = None,
+        local_mode: bool = False,
+        collective_timeout_s: float = 120,
+    ) -> None:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise ConfigError(
+                f"num_workers must be an integer ≥ 1, got {num_workers!r}. "
+                "Pass the number of workers (Spark tasks or local processes) to run."
+            )
+        resolved = backend or ("nccl" if use_gpu else "gloo")
+        if resolved not in _BACKENDS:
+            raise ConfigError(
+                f"backend must be one of {_BACKENDS} or None, got {backend!r}. "
+                "Leave it None to pick nccl with use_gpu and gloo otherwise."
+            )
+        for name, value in (
+            ("timeout_s", timeout_s),
+            ("collective_timeout_s", collective_timeout_s),
+        ):
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{name} must be a number > 0, got {value!r}. Pass seconds.")
+        self.num_workers = num_workers
+        self.use_gpu = bool(use_gpu)
+        self.backend = resolved
+        self.timeout_s = float(timeout_s)
+        self.spark = spark
+        self.local_mode = bool(local_mode)
+        self.collective_timeout_s = float(collective_timeout_s)
+
+    def check(self) -> None:
+        """(driver) Run the pre-launch checks now (slots, dynamic allocation, GPUs), launching nothing.
+
+        A trainer calls this before it materializes data or writes a run directory, so a
+        cluster that cannot host the workers fails in seconds, with nothing written.
+        """
+        if self.local_mode:
+            return
+        options = LaunchOptions(
+            num_workers=self.num_workers,
+            use_gpu=self.use_gpu,
+            backend=self.backend,
+            collective_timeout_s=self.collective_timeout_s,
+        )
+        check_launch(_spark_context(self.spark), options, timeout_s=self.timeout_s)
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """(driver) Run ``fn`` on every worker; each rank's return value, in rank order.
+
+        Raises ConfigError before launch when the setup cannot work, WorkerGroupError when a
+        rank fails (naming it, with its original traceback), RendezvousError when the workers
+        cannot all start within ``timeout_s``.
+        """
+        return self.launch(fn, args, kwargs)
+
+    def launch(
+        self,
+        fn: Callable[..., Any],
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        attempt: int = 0,
+        run_token: str = "",
+        channel_addr: str = "",
+        extra: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> list[Any]:
+        """Like :meth:`run`, with the launch details a trainer passes: attempt, channel, extra
+        values for WorkerEnv.extra, and ``name`` for the Spark job description."""
+        from pyspark import cloudpickle
+
+        payload = _pickle_payload(cloudpickle, fn, args, kwargs or {})
+        options = LaunchOptions(
+            num_workers=self.num_workers,
+            use_gpu=self.use_gpu,
+            backend=self.backend,
+            collective_timeout_s=self.collective_timeout_s,
+            attempt=attempt,
+            run_token=run_token,
+            channel_addr=channel_addr,
+            extra=dict(extra or {}),
+        )
+        if self.local_mode:
+            from sparkdl.launch.local import run_local
+
+            pickled = run_local(payload, options, self.timeout_s)
+        else:
+            sc = _spark_context(self.spark)
+            check_launch(sc, options, timeout_s=self.timeout_s)
+            options = _with_task_cpus(options, sc)
+            name = name or _run_name(fn, self.num_workers)
+            pickled = launch_barrier(sc, payload, options, name=name, timeout_s=self.timeout_s)
+        return [cloudpickle.loads(value) for value in pickled]
+
+
+def _run_name(fn: Callable, num_workers: int) -> str:
+    """What the Spark UI shows for the run's job, e.g. ``sparkdl: train (2 workers)``."""
+    label = getattr(fn, "__name__", type(fn).__name__)
+    return f"sparkdl: {label} ({num_workers} worker{'s' if num_workers != 1 else ''})"
+
+
+def _pickle_payload(cloudpickle: Any, fn: Callable, args: tuple, kwargs: dict) -> bytes:
+    if not callable(fn):
+        raise ConfigError(f"fn must be callable, got {type(fn).__name__}. Pass a function.")
+    try:
+        return cloudpickle.dumps((fn, tuple(args), dict(kwargs)))
+    except Exception as exc:
+        raise ConfigError(
+            f"fn and its arguments must be picklable, got {type(exc).__name__}: {exc}. "
+            "Create unpicklable objects (sessions, locks, open files) inside fn instead."
+        ) from exc
+
+
+def _spark_context(spark: Any) -> Any:
+    """The SparkContext of ``spark``, or of the active (else a new) SparkSession."""
+    if spark is None:
+        from pyspark.sql import SparkSession
+
+        spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
+    try:
+        return spark.sparkContext
+    except Exception as exc:  # Spark Connect sessions have no SparkContext
+        raise ConfigError(
+            f"spark must be a classic SparkSession with a SparkContext, got {type(spark).__name__} "
+            f"({exc}). Barrier stages need a classic session; use local_mode=True otherwise."
+        ) from exc
+
+
+def _with_task_cpus(options: LaunchOptions, sc: Any) -> LaunchOptions:
+    from dataclasses import replace
+
+    try:
+        cpus = int(float(sc.getConf().get("spark.task.cpus", "1") or 1))
+    except ValueError:
+        cpus = 1
+    return replace(options, task_cpus=max(1, cpus))
+
+
+# ---------------------------------------------------------------- pre-launch checks (driver)
+
+
+def check_launch(sc: Any, options: LaunchOptions, *, timeout_s: float) -> None:
+    """Every check that must pass before a task starts; each failure is a ConfigError."""
+    conf = sc.getConf()
+    check_dynamic_allocation(conf)
+    check_gpu_conf(conf, options.use_gpu, master=sc.master)
+    check_slots(sc, options.num_workers, wait_s=min(timeout_s, SLOT_WAIT_CAP_S))
+
+
+def check_dynamic_allocation(conf: Any) -> None:
+    """Barrier stages refuse dynamic allocation; say so before Spark does, with the fix."""
+    value = str(conf.get("spark.dynamicAllocation.enabled", "false") or "false").strip().lower()
+    if value == "true":
+        raise ConfigError(
+            "spark.dynamicAllocation.enabled must be false for barrier-mode training, got true. "
+            "Start the SparkSession with spark.dynamicAllocation.enabled=false and a fixed "
+            "spark.executor.instances."
+        )
+
+
+def check_gpu_conf(conf: Any, use_gpu: bool, master: str = "") -> None:
+    """use_gpu needs Spark to hand each task a GPU (spark.task.resource.gpu.amount), which
+    Spark's ``local[N]`` master never does: its tasks would wait for a GPU forever."""
+    if not use_gpu:
+        return
+    amount = conf.get("spark.task.resource.gpu.amount", None)
+    try:
+        ok = amount is not None and float(amount) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"spark.task.resource.gpu.amount must be > 0 with use_gpu=True, got {amount!r}. "
+            "Set spark.task.resource.gpu.amount=1, spark.executor.resource.gpu.amount and a "
+            "GPU discovery script (spark.executor.resource.gpu.discoveryScript), or use_gpu=False."
+        )
+    if re.fullmatch(r"local(\[.*\])?", master or ""):
+        raise ConfigError(
+            f"the Spark master must assign GPUs to tasks with use_gpu=True, got {master}, which "
+            "never does (tasks would wait forever). Use local-cluster[...], a cluster master, "
+            "or Distributor(..., local_mode=True) for plain processes on this machine."
+        )
+
+
+def task_slots(sc: Any) -> int | None:
+    """Tasks Spark can run at once for the default resource profile; None if unknown.
+
+    Uses the internal ``SparkContext.maxNumConcurrentTasks`` (with a ResourceProfile since Spark
+    3.1, without before).
+    """
+    try:
+        jsc = sc._jsc.sc()
+    except Exception:
+        return None
+    try:
+        profile = jsc.resourceProfileManager().defaultResourceProfile()
+        return int(jsc.maxNumConcurrentTasks(profile))
+    except Exception:
+        try:
+            return int(jsc.maxNumConcurrentTasks())
+        except Exception:
+            return None
+
+
+def _static_slot_limit(sc: Any) -> int | None:
+    """Slot ceiling known from the master URL alone: local[N] and local-cluster[N,C,M]."""
+    master = sc.master or ""
+    try:
+        cpus = max(1, int(float(sc.getConf().get("spark.task.cpus", "1") or 1)))
+    except ValueError:
+        cpus = 1
+    cluster = re.fullmatch(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]", master)
+    if cluster:
+        return int(cluster.group(1)) * (int(cluster.group(2)) // cpus)
+    return None
+
+
+def check_slots(sc: Any, num_workers: int, *, wait_s: float) -> None:
+    """num_workers must fit in the task slots available at once, or Spark waits for minutes.
+
+    In local mode the count is final; in cluster modes executors may still be registering, so
+    wait up to ``wait_s`` for enough slots. If the count cannot be read, warn and go on.
+    """
+    is_local = (sc.master or "").startswith("local") and not sc.master.startswith("local-cluster")
+    ceiling = _static_slot_limit(sc)
+    slots = task_slots(sc)
+    deadline = time.monotonic() + wait_s
+    while (
+        not is_local
+        and slots is not None
+        and slots < num_workers
+        and (ceiling is None or num_workers <= ceiling)
+        and time.monotonic() < deadline
+    ):
+        time.sleep(_POLL_S)
+        slots = task_slots(sc)
+    if slots is None:
+        log.warning("cannot read Spark's task slots; launching %d workers unchecked", num_workers)
+        return
+    if slots < num_workers:
+        raise ConfigError(
+            f"num_workers must be at most the task slots Spark can give at once, got "
+            f"{num_workers} with {slots} slot(s) on master {sc.master}. Lower num_workers, or "
+            "give the application more executors or cores (spark.executor.instances, "
+            "spark.executor.cores, spark.task.cpus, spark.task.resource.gpu.amount)."
+        )
+
+
+# ---------------------------------------------------------------- the barrier stage
+
+
+def launch_barrier(
+    sc: Any, payload: bytes, options: LaunchOptions, *, name: str, timeout_s: float
+) -> list[bytes]:
+    """Run one barrier stage of ``options.num_workers`` tasks; pickled values in rank order."""
+    n = options.num_workers
+    group = f"sparkdl-{uuid.uuid4().hex[:12]}"
+    saved = {key: sc.getLocalProperty(key) for key in _JOB_PROPERTIES}
+    sc.setJobGroup(group, name, interruptOnCancel=True)
+    watch = _StartWatch(sc, group, n, timeout_s)
+    watch.start()
+    try:
+        rdd = sc.parallelize(range(n), n).barrier()
+        rows = rdd.mapPartitions(partial(barrier_task, options, payload)).collect()
+    except Exception as exc:
+        if watch.timed_out:
+            raise RendezvousError(
+                f"the {n} barrier tasks must all start within timeout_s={timeout_s:g} s, but "
+                "they did not; the job was cancelled. Free task slots (other running jobs?), "
+                "or raise timeout_s."
+            ) from None
+        raise worker_group_error(exc) from None
+    finally:
+        watch.stop()
+        for key, value in saved.items():
+            sc.setLocalProperty(key, value)
+    values = dict(rows)
+    return [values[r] for r in range(n)]
+
+
+_JOB_PROPERTIES = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")
+
+
+class _StartWatch(threading.Thread):
+    """Cancels the job group if its tasks have not all started within the launch timeout."""
+
+    def __init__(self, sc: Any, group: str, num_tasks: int, timeout_s: float) -> None:
+        super().__init__(name="sparkdl-start-watch", daemon=True)
+        self.sc, self.group, self.num_tasks = sc, group, num_tasks
+        self.deadline = time.monotonic() + timeout_s
+        self.timed_out = False
+        self._done = threading.Event()
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=5.0)
+
+    def run(self) -> None:
+        try:
+            while not self._done.wait(_POLL_S):
+                if self._all_started():
+                    return
+                if time.monotonic() > self.deadline:
+                    self.timed_out = True
+                    self.sc.cancelJobGroup(self.group)
+                    return
+        except Exception as exc:  # the watch is a guard, never a cause of failure
+            log.debug("start watch stopped: %s", exc)
+
+    def _all_started(self) -> bool:
+        tracker = self.sc.statusTracker()
+        for job_id in tracker.getJobIdsForGroup(self.group):
+            job = tracker.getJobInfo(job_id)
+            if job is None:
+                continue
+            if job.status != "RUNNING":
+                return True
+            for stage_id in job.stageIds:
+                stage = tracker.getStageInfo(stage_id)
+                if stage is not None:
+                    started = stage.numActiveTasks + stage.numCompletedTasks + stage.numFailedTasks
+                    if started >= self.num_tasks:
+                        return True
+        return False
+
+
+# ---------------------------------------------------------------- failure mapping
+
+_LOST_TASK_RES = (
+    # "Lost task 1.0 in stage 3.0 (TID 7) (host executor 1): <reason>"
+    re.compile(r"Lost task (\d+)\.\d+ in stage [\d.]+ \(TID \d+\)[^:]*: ([^\n]*)"),
+    # "barrier task ResultTask(0, 1) finished unsuccessfully.\n<reason>"
+    re.compile(r"barrier task \w*Task\(\d+, (\d+)\) finished unsuccessfully\.?\s*\n?([^\n]*)"),
+)
+
+
+def worker_group_error(exc: BaseException) -> WorkerGroupError:
+    """Map a failed Spark job's exception to WorkerGroupError with each rank's own failure.
+
+    Without a rank marker (a Python worker or executor died), the detail names the lost task's
+    partition, which is its rank, and Spark's reason.
+    """
+    text = _error_text(exc)
+    failures = RankFailure.decode_all(text)
+    if failures:
+        return WorkerGroupError(failures)
+    for pattern in _LOST_TASK_RES:
+        lost = pattern.search(text)
+        if lost:
+            reason = lost.group(2).strip()[:500] or "no reason given"
+            return WorkerGroupError(
+                [], detail=f"rank {lost.group(1)} died without reporting an error: {reason}"
+            )
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return WorkerGroupError([], detail=" | ".join(lines[:3])[:1000])
+
+
+def _error_text(exc: BaseException) -> str:
+    """All the text of a (Py4J/PySpark) exception, Java side included."""
+    parts = [str(exc)]
+    java = getattr(exc, "java_exception", None)
+    if java is not None:
+        try:
+            parts.append(str(java.toString()))
+        except Exception:
+            pass
+    return "\n".join(parts)
