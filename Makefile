@@ -24,7 +24,7 @@ demo: venv
 	PYSPARK_PYTHON=$(abspath $(PY)) $(PY) jobs/train.py --config jobs/configs/digits.toml --set run.run_dir=runs/demo --set run.mode=overwrite
 
 test: venv
-	PYSPARK_PYTHON=$(abspath $(PY)) $(PY) -m pytest -q tests
+	PYSPARK_PYTHON=$(abspath $(PY)) PYTHONPATH=$(CURDIR) $(PY) -m pytest -q tests
 
 test-unit: venv
 	$(PY) -m pytest -q -m "unit" tests

@@ -23,14 +23,28 @@ __all__ = ["DEFAULTS", "load_config", "parse_args", "spark_session_for_job"]
 DEFAULTS: dict[str, dict[str, Any]] = {
     "spark": {"master": "local[2]", "app_name": "sparkdl"},
     "data": {
-        "train": "", "test": "", "format": "parquet", "dataset": "",
-        "feature_cols": ["features"], "label_col": "label", "validation_fraction": 0.0,
+        "train": "",
+        "test": "",
+        "format": "parquet",
+        "dataset": "",
+        "feature_cols": ["features"],
+        "label_col": "label",
+        "validation_fraction": 0.0,
     },
     "model": {"factory": "", "kwargs": {}},
     "training": {
-        "loss": "cross_entropy", "optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64,
-        "epochs": 1, "num_workers": 2, "use_gpu": False, "seed": 0, "strategy": "allreduce",
-        "strategy_options": {}, "log_every_steps": 50, "collective_timeout_s": 120.0,
+        "loss": "cross_entropy",
+        "optimizer": "adam",
+        "learning_rate": 1e-3,
+        "batch_size": 64,
+        "epochs": 1,
+        "num_workers": 2,
+        "use_gpu": False,
+        "seed": 0,
+        "strategy": "allreduce",
+        "strategy_options": {},
+        "log_every_steps": 50,
+        "collective_timeout_s": 120.0,
     },
     "run": {"run_dir": "runs/run", "mode": "error"},
 }
@@ -52,7 +66,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any], where: str) -> None:
             )
         if isinstance(base[key], dict) and key != "kwargs" and key != "strategy_options":
             if not isinstance(value, dict):
-                raise ConfigError(f"config key {where}{key} must be a table, got {value!r}. Use [{key}]")
+                raise ConfigError(
+                    f"config key {where}{key} must be a table, got {value!r}. Use [{key}]"
+                )
             _merge(base[key], value, f"{where}{key}.")
         else:
             base[key] = value
@@ -66,13 +82,19 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> dict[str, An
             with open(path, "rb") as fh:
                 _merge(config, tomllib.load(fh), "")
         except FileNotFoundError as exc:
-            raise ConfigError(f"--config must name an existing file, got {path!r}. Check the path") from exc
+            raise ConfigError(
+                f"--config must name an existing file, got {path!r}. Check the path"
+            ) from exc
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"--config must be valid TOML, got {path!r}: {exc}. Fix the file") from exc
+            raise ConfigError(
+                f"--config must be valid TOML, got {path!r}: {exc}. Fix the file"
+            ) from exc
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or "." not in key:
-            raise ConfigError(f"--set must look like section.key=value, got {item!r}. e.g. --set training.epochs=3")
+            raise ConfigError(
+                f"--set must look like section.key=value, got {item!r}. e.g. --set training.epochs=3"
+            )
         nested: dict[str, Any] = {}
         cursor = nested
         *parents, leaf = key.strip().split(".")
@@ -81,7 +103,9 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> dict[str, An
         cursor[leaf] = _parse_value(text.strip())
         _merge(config, nested, "")
     if config["run"]["mode"] not in ("error", "overwrite"):
-        raise ConfigError(f"run.mode must be 'error' or 'overwrite', got {config['run']['mode']!r}. Pick one")
+        raise ConfigError(
+            f"run.mode must be 'error' or 'overwrite', got {config['run']['mode']!r}. Pick one"
+        )
     return config
 
 
@@ -89,8 +113,14 @@ def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespa
     """The jobs' shared command line: ``--config FILE`` and repeated ``--set key=value``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="TOML config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. training.epochs=3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. training.epochs=3 (repeatable)",
+    )
     return parser.parse_args(argv)
 
 
@@ -99,7 +129,10 @@ def spark_session_for_job(config: dict[str, Any]) -> Any:
     from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
-    if SparkConf().contains("spark.master"):  # spark-submit (or a notebook) chose the cluster
+    active = SparkSession.getActiveSession()
+    if active is not None:  # a notebook's or a caller's session
+        return active
+    if SparkConf().contains("spark.master"):  # spark-submit chose the cluster
         return SparkSession.builder.appName(config["spark"]["app_name"]).getOrCreate()
     from sparkdl.testing import local_spark_session
 

@@ -12,12 +12,22 @@ os.environ["PYSPARK_PYTHON"] = sys.executable
 
 
 @pytest.fixture(scope="session")
-def spark_local():
+def spark_local_session():
     """A ``local[2]`` SparkSession bound to loopback, shared by the whole test session."""
     from sparkdl.testing import local_spark_session
 
     spark = local_spark_session("local[2]", app_name="sparkdl-tests")
     yield spark
+
+
+@pytest.fixture(scope="module")
+def spark_local(spark_local_session):
+    """The shared ``local[2]`` session, recreated if a cluster test stopped it."""
+    from sparkdl.testing import local_spark_session
+
+    if spark_local_session.sparkContext._jsc is None:
+        return local_spark_session("local[2]", app_name="sparkdl-tests")
+    return spark_local_session
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +44,15 @@ def spark_local_cluster():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tier marker from the directory; GPU tests skip without CUDA."""
+    """Tier marker from the directory; GPU tests skip without CUDA.
+
+    Test modules are not importable on Spark's Python workers, so functions defined in them
+    travel by value.
+    """
+    from pyspark import cloudpickle
+
+    for module in {item.module for item in items if getattr(item, "module", None)}:
+        cloudpickle.register_pickle_by_value(module)
     try:
         import torch
 

@@ -84,17 +84,27 @@ class TorchEstimator:
                 'Pass e.g. feature_cols=["features"]'
             )
         if not isinstance(label_col, str) or not label_col:
-            raise ConfigError(f"label_col must be a column name, got {label_col!r}. Pass e.g. label_col='label'")
+            raise ConfigError(
+                f"label_col must be a column name, got {label_col!r}. Pass e.g. label_col='label'"
+            )
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-            raise ConfigError(f"num_workers must be an integer ≥ 1, got {num_workers!r}. Use e.g. num_workers=2")
+            raise ConfigError(
+                f"num_workers must be an integer ≥ 1, got {num_workers!r}. Use e.g. num_workers=2"
+            )
         if not 0.0 <= validation_fraction < 1.0:
             raise ConfigError(
                 f"validation_fraction must be in [0, 1), got {validation_fraction!r}. Use e.g. 0.1"
             )
         self.model_spec = ModelSpec(factory=model, kwargs=model_kwargs or {})
         self.optim = OptimConfig(
-            loss=loss, optimizer=optimizer, learning_rate=learning_rate, batch_size=batch_size,
-            epochs=epochs, seed=seed, shuffle=shuffle, log_every_steps=log_every_steps,
+            loss=loss,
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            epochs=epochs,
+            seed=seed,
+            shuffle=shuffle,
+            log_every_steps=log_every_steps,
         )
         self.sync = SyncConfig(strategy=strategy, options=strategy_options or {})
         self.checkpoint = CheckpointConfig()
@@ -125,14 +135,19 @@ class TorchEstimator:
         from sparkdl.launch import Distributor
 
         return Distributor(
-            self.num_workers, use_gpu=self.use_gpu, spark=spark,
+            self.num_workers,
+            use_gpu=self.use_gpu,
+            spark=spark,
             collective_timeout_s=self.collective_timeout_s,
         )
 
     def _dataset(self, data: DataFrame | ShardedDataset, run: RunDirectory) -> ShardedDataset:
         if isinstance(data, ShardedDataset):
             manifest = data.manifest
-            if list(manifest.feature_cols) != self.feature_cols or manifest.label_col != self.label_col:
+            if (
+                list(manifest.feature_cols) != self.feature_cols
+                or manifest.label_col != self.label_col
+            ):
                 raise ConfigError(
                     f"feature_cols/label_col must match the dataset's, got {self.feature_cols}/"
                     f"{self.label_col!r} vs {list(manifest.feature_cols)}/{manifest.label_col!r}. "
@@ -140,9 +155,14 @@ class TorchEstimator:
                 )
             return data
         return materialize(
-            data, run.sub("data"), feature_cols=self.feature_cols, label_col=self.label_col,
-            num_shards=self.num_workers, seed=self.optim.seed,
-            validation_fraction=self.validation_fraction, mode="overwrite",
+            data,
+            run.sub("data"),
+            feature_cols=self.feature_cols,
+            label_col=self.label_col,
+            num_shards=self.num_workers,
+            seed=self.optim.seed,
+            validation_fraction=self.validation_fraction,
+            mode="overwrite",
         )
 
     def fit(self, data: DataFrame | ShardedDataset) -> TorchModel:
@@ -151,11 +171,17 @@ class TorchEstimator:
 
         from sparkdl.train.worker import train
 
-        spark = SparkSession.getActiveSession() if isinstance(data, ShardedDataset) else data.sparkSession
+        spark = (
+            SparkSession.getActiveSession()
+            if isinstance(data, ShardedDataset)
+            else data.sparkSession
+        )
         if spark is None:
-            raise ConfigError("a SparkSession must be active to fit. Create one with SparkSession.builder")
+            raise ConfigError(
+                "a SparkSession must be active to fit. Create one with SparkSession.builder"
+            )
         distributor = self._distributor(spark)
-        distributor.check(spark)  # slots, dynamic allocation, GPUs: before anything is written
+        distributor.check()  # slots, dynamic allocation, GPUs: before anything is written
         timings: dict[str, float] = {}
         start = time.perf_counter()
         run = RunDirectory(self.run_dir)
@@ -170,8 +196,12 @@ class TorchEstimator:
                     f"{self.num_workers} workers. Use fewer workers or more data"
                 )
             spec = TrainSpec(
-                model=self.model_spec, dataset_path=dataset.path, run_dir=run.path,
-                optim=self.optim, sync=self.sync, checkpoint=self.checkpoint,
+                model=self.model_spec,
+                dataset_path=dataset.path,
+                run_dir=run.path,
+                optim=self.optim,
+                sync=self.sync,
+                checkpoint=self.checkpoint,
             )
             self._write_architecture(run, dataset)
             launched = time.perf_counter()
@@ -184,14 +214,21 @@ class TorchEstimator:
         timings["total_s"] = time.perf_counter() - start
         chief = results[0]
         run.finish(
-            metrics=chief.metrics, timings=timings,
-            extra={"steps": chief.steps, "samples": sum(r.samples for r in results),
-                   "dataset": dataset.path},
+            metrics=chief.metrics,
+            timings=timings,
+            extra={
+                "steps": chief.steps,
+                "samples": sum(r.samples for r in results),
+                "dataset": dataset.path,
+            },
         )
         module = load_module(run.sub("model"), model=self._rebuild_hint())
         return TorchModel(
-            module, feature_cols=self.feature_cols, label_col=self.label_col,
-            classification=is_classification(self.optim), feature_dim=dataset.feature_dim,
+            module,
+            feature_cols=self.feature_cols,
+            label_col=self.label_col,
+            classification=is_classification(self.optim),
+            feature_dim=dataset.feature_dim,
             run_dir=run.path,
         )
 
@@ -207,10 +244,16 @@ class TorchEstimator:
         if self.model_spec.import_path is None:
             with open(os.path.join(model_dir, ARCH_FILE), "wb") as fh:
                 cloudpickle.dump(self.model_spec, fh)
-        write_model_json(model_dir, self.model_spec, {
-            "feature_cols": self.feature_cols, "label_col": self.label_col,
-            "feature_dim": dataset.feature_dim, "classification": is_classification(self.optim),
-        })
+        write_model_json(
+            model_dir,
+            self.model_spec,
+            {
+                "feature_cols": self.feature_cols,
+                "label_col": self.label_col,
+                "feature_dim": dataset.feature_dim,
+                "classification": is_classification(self.optim),
+            },
+        )
 
 
 class TorchModel:
@@ -237,7 +280,9 @@ class TorchModel:
     def summary(self) -> dict[str, Any]:
         """The run's run.json (status, config, versions, timings, final metrics)."""
         if self.run_dir is None:
-            raise ConfigError("summary needs a run_dir, got a model without one. Fit the model first")
+            raise ConfigError(
+                "summary needs a run_dir, got a model without one. Fit the model first"
+            )
         return RunDirectory(self.run_dir).summary()
 
     @property
@@ -246,19 +291,30 @@ class TorchModel:
         from pyspark.sql import SparkSession
 
         if self.run_dir is None:
-            raise ConfigError("metrics need a run_dir, got a model without one. Fit the model first")
+            raise ConfigError(
+                "metrics need a run_dir, got a model without one. Fit the model first"
+            )
         spark = SparkSession.getActiveSession()
         if spark is None:
             raise ConfigError("metrics need an active SparkSession. Create one first")
         return RunDirectory(self.run_dir).metrics_df(spark)
 
     def transform(
-        self, df: DataFrame, *, batch_size: int = 1024, output_col: str = "prediction",
+        self,
+        df: DataFrame,
+        *,
+        batch_size: int = 1024,
+        output_col: str = "prediction",
         probability_col: str | None = None,
     ) -> DataFrame:
         """``df`` with ``prediction`` (class index or value) and optionally class probabilities."""
         return predict_dataframe(
-            df, self.module, self.feature_cols, classification=self.classification,
-            expected_dim=self.feature_dim, batch_size=batch_size, output_col=output_col,
+            df,
+            self.module,
+            self.feature_cols,
+            classification=self.classification,
+            expected_dim=self.feature_dim,
+            batch_size=batch_size,
+            output_col=output_col,
             probability_col=probability_col,
         )

@@ -23,23 +23,37 @@ __all__ = ["features_from_arrow", "predict_dataframe"]
 _MODULE_CACHE: dict[int, Any] = {}
 
 
-def features_from_arrow(batch: pa.RecordBatch, cols: Sequence[str], expected_dim: int | None) -> np.ndarray:
+def features_from_arrow(
+    batch: pa.RecordBatch, cols: Sequence[str], expected_dim: int | None
+) -> np.ndarray:
     """Columns (numeric or fixed-length arrays) of ``batch`` → float32 [rows, features], column-wise."""
     n = batch.num_rows
     parts = []
     for name in cols:
         column = batch.column(batch.schema.get_field_index(name))
-        if pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type):
+        if (
+            pa.types.is_list(column.type)
+            or pa.types.is_large_list(column.type)
+            or pa.types.is_fixed_size_list(column.type)
+        ):
             if column.null_count:
-                raise DataError(f"feature column {name!r} must have no nulls, got {column.null_count}. Fill or drop them")
+                raise DataError(
+                    f"feature column {name!r} must have no nulls, got {column.null_count}. Fill or drop them"
+                )
             values = column.flatten().to_numpy(zero_copy_only=False)
             if n and values.size % n:
-                raise DataError(f"feature column {name!r} must hold arrays of one length, got ragged arrays. Pad or fix the rows")
+                raise DataError(
+                    f"feature column {name!r} must hold arrays of one length, got ragged arrays. Pad or fix the rows"
+                )
             parts.append(values.reshape(n, -1).astype(np.float32, copy=False))
         else:
             if column.null_count:
-                raise DataError(f"feature column {name!r} must have no nulls, got {column.null_count}. Fill or drop them")
-            parts.append(column.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, 1))
+                raise DataError(
+                    f"feature column {name!r} must have no nulls, got {column.null_count}. Fill or drop them"
+                )
+            parts.append(
+                column.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, 1)
+            )
     features = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     if expected_dim is not None and n and features.shape[1] != expected_dim:
         raise DataError(
@@ -123,7 +137,15 @@ def predict_dataframe(
     cols = list(feature_cols)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        return _predict_batches(batches, module_bc, cols, expected_dim, classification,
-                                batch_size, output_col, probability_col)
+        return _predict_batches(
+            batches,
+            module_bc,
+            cols,
+            expected_dim,
+            classification,
+            batch_size,
+            output_col,
+            probability_col,
+        )
 
     return prepared.mapInArrow(run, StructType(fields))

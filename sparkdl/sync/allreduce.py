@@ -24,7 +24,9 @@ class AllReduceStrategy(SyncStrategy):
             return module
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        device_ids = [torch.device(self.env.device).index] if self.env.device.startswith("cuda") else None
+        device_ids = (
+            [torch.device(self.env.device).index] if self.env.device.startswith("cuda") else None
+        )
         ddp = DDP(module, device_ids=device_ids)
         self._register_byte_counter(ddp)
         return ddp
@@ -35,7 +37,8 @@ class AllReduceStrategy(SyncStrategy):
 
         strategy = self
 
-        def counting_allreduce(state: object, bucket: Any) -> torch.futures.Future:
+        # No annotations: DDP inspects them, and postponed annotations are strings.
+        def counting_allreduce(state, bucket):  # type: ignore[no-untyped-def]
             tensor = bucket.buffer()
             strategy.comm_bytes += tensor.numel() * tensor.element_size()
             tensor.div_(dist.get_world_size())

@@ -76,7 +76,9 @@ def read_model_json(model_dir: str) -> dict[str, Any]:
         with open(path) as fh:
             return json.load(fh)
     except FileNotFoundError as exc:
-        raise CheckpointError(f"{path} is missing: {model_dir} is not a sparkdl model directory") from exc
+        raise CheckpointError(
+            f"{path} is missing: {model_dir} is not a sparkdl model directory"
+        ) from exc
 
 
 def load_module(model_dir: str, *, trust_pickle: bool = False, model: Any = None) -> nn.Module:

@@ -12,7 +12,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -76,8 +75,12 @@ class _Trainer:
         self.loss_fn = build_loss(spec.optim)
         self.classify = is_classification(spec.optim)
         self.loader = self.dataset.loader(
-            env.rank, env.world_size, batch_size=spec.optim.batch_size,
-            shuffle=spec.optim.shuffle, seed=spec.optim.seed, epoch=0,
+            env.rank,
+            env.world_size,
+            batch_size=spec.optim.batch_size,
+            shuffle=spec.optim.shuffle,
+            seed=spec.optim.seed,
+            epoch=0,
         )
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
@@ -129,9 +132,16 @@ class _Trainer:
         mean_loss = total_loss / max(total_steps, 1)
         self._check_finite(mean_loss, epoch)
         self.metrics.record(epoch, self.step, "train", "loss", mean_loss)
-        self.metrics.record(epoch, self.step, "train", "samples_per_s", total_samples / max(seconds, 1e-9))
-        self.metrics.record(epoch, self.step, "train", "comm_bytes_per_step",
-                            self.strategy.comm_bytes / max(self.step, 1))
+        self.metrics.record(
+            epoch, self.step, "train", "samples_per_s", total_samples / max(seconds, 1e-9)
+        )
+        self.metrics.record(
+            epoch,
+            self.step,
+            "train",
+            "comm_bytes_per_step",
+            self.strategy.comm_bytes / max(self.step, 1),
+        )
 
     def _report_window(self, epoch: int, window_loss: float, window_steps: int) -> None:
         """(all ranks) Cross-rank mean loss of the last window of steps."""
@@ -156,8 +166,12 @@ class _Trainer:
             return
         self.model.eval()
         loader = self.dataset.loader(
-            self.env.rank, self.env.world_size, batch_size=self.spec.optim.batch_size,
-            shuffle=False, split="validation", drop_last=False,
+            self.env.rank,
+            self.env.world_size,
+            batch_size=self.spec.optim.batch_size,
+            shuffle=False,
+            split="validation",
+            drop_last=False,
         )
         loss_sum, count, correct = 0.0, 0.0, 0.0
         with torch.no_grad():
@@ -182,9 +196,13 @@ class _Trainer:
             save_weights(self.strategy.module_to_save(), model_dir)
         self.strategy.teardown()
         return WorkerResult(
-            rank=self.env.rank, steps=self.step, samples=self.samples,
-            epochs=self.spec.optim.epochs, metrics=dict(self.metrics.latest),
-            timings={"train_seconds": self.train_seconds}, model_dir=model_dir,
+            rank=self.env.rank,
+            steps=self.step,
+            samples=self.samples,
+            epochs=self.spec.optim.epochs,
+            metrics=dict(self.metrics.latest),
+            timings={"train_seconds": self.train_seconds},
+            model_dir=model_dir,
             comm_bytes=self.strategy.comm_bytes,
         )
 
