@@ -1,7 +1,7 @@
 """Train a torch model on Spark data from a TOML config.
 
-    spark-submit jobs/train.py --config jobs/configs/digits.toml [--set training.epochs=3 ...]
-    python jobs/train.py --config jobs/configs/digits.toml        # local Spark from [spark]
+spark-submit jobs/train.py --config jobs/configs/digits.toml [--set training.epochs=3 ...]
+python jobs/train.py --config jobs/configs/digits.toml        # local Spark from [spark]
 """
 
 from __future__ import annotations
@@ -24,25 +24,38 @@ def main(argv=None) -> int:
     spark = spark_session_for_job(config)
     data, train, run = config["data"], config["training"], config["run"]
     estimator = sparkdl.TorchEstimator(
-        model=config["model"]["factory"], model_kwargs=config["model"]["kwargs"],
-        feature_cols=data["feature_cols"], label_col=data["label_col"],
-        validation_fraction=data["validation_fraction"], run_dir=run["run_dir"],
-        overwrite=run["mode"] == "overwrite", **train,
+        model=config["model"]["factory"],
+        model_kwargs=config["model"]["kwargs"],
+        feature_cols=data["feature_cols"],
+        label_col=data["label_col"],
+        validation_fraction=data["validation_fraction"],
+        run_dir=run["run_dir"],
+        overwrite=run["mode"] == "overwrite",
+        **train,
     )
-    source = (sparkdl.ShardedDataset.load(data["dataset"]) if data["dataset"]
-              else read_table(spark, data["train"], data["format"]))
+    source = (
+        sparkdl.ShardedDataset.load(data["dataset"])
+        if data["dataset"]
+        else read_table(spark, data["train"], data["format"])
+    )
     model = estimator.fit(source)
     summary = model.summary
-    print(f"training: {summary['status']} in {summary['timings']['total_s']:.1f} s, "
-          f"final metrics {summary['metrics']}")
+    print(
+        f"training: {summary['status']} in {summary['timings']['total_s']:.1f} s, "
+        f"final metrics {summary['metrics']}"
+    )
     if data["test"]:
         test = read_table(spark, data["test"], data["format"])
         scored = model.transform(test)
         if estimator.optim.loss in ("cross_entropy", "nll"):
-            value = scored.select(F.avg((F.col("prediction") == F.col(data["label_col"])).cast("double"))).first()[0]
+            value = scored.select(
+                F.avg((F.col("prediction") == F.col(data["label_col"])).cast("double"))
+            ).first()[0]
             print(f"test accuracy: {value:.4f}")
         else:
-            value = scored.select(F.sqrt(F.avg((F.col("prediction") - F.col(data["label_col"])) ** 2))).first()[0]
+            value = scored.select(
+                F.sqrt(F.avg((F.col("prediction") - F.col(data["label_col"])) ** 2))
+            ).first()[0]
             print(f"test rmse: {value:.4f}")
     print(f"run directory: {model.run_dir}")
     return 0

@@ -26,7 +26,22 @@ _EXPORTS = {
     "TorchModel": "sparkdl.ml.estimator",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "Distributor",
+    "RankFailure",
+    "RendezvousError",
+    "ShardedDataset",
+    "SparkdlError",
+    "TorchEstimator",
+    "TorchModel",
+    "WorkerGroupError",
+    "__version__",
+    "get_context",
+    "materialize",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -59,7 +59,9 @@ class RunDirectory:
     def prepare(self, *, overwrite: bool) -> None:
         """Create the directory; refuse a non-empty one unless ``overwrite`` (then clear it)."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise ConfigError(f"run_dir must be a directory, got the file {self.path!r}. Pick another path")
+            raise ConfigError(
+                f"run_dir must be a directory, got the file {self.path!r}. Pick another path"
+            )
         if os.path.isdir(self.path) and os.listdir(self.path):
             if not overwrite:
                 raise ConfigError(
@@ -92,7 +94,9 @@ class RunDirectory:
         }
         self._write()
 
-    def finish(self, *, metrics: dict[str, float], timings: dict[str, float], extra: dict[str, Any]) -> None:
+    def finish(
+        self, *, metrics: dict[str, float], timings: dict[str, float], extra: dict[str, Any]
+    ) -> None:
         """Record success with final metrics and timings."""
         self._record.update(status="succeeded", metrics=metrics, finished_at=time.time(), **extra)
         self._record["timings"].update(timings)

@@ -76,11 +76,19 @@ class ModelSpec:
             resolve_import_path(f)  # fail on the driver, not on every worker
         elif isinstance(f, nn.Module):
             if self.kwargs:
-                raise _fail("model kwargs", "empty for an nn.Module instance", dict(self.kwargs),
-                            "Pass a factory to use keyword arguments")
+                raise _fail(
+                    "model kwargs",
+                    "empty for an nn.Module instance",
+                    dict(self.kwargs),
+                    "Pass a factory to use keyword arguments",
+                )
         elif not callable(f):
-            raise _fail("model", "an nn.Module, a callable returning one, or an import path",
-                        type(f).__name__, 'Pass e.g. model=lambda: MyNet() or "pkg.mod:make_net"')
+            raise _fail(
+                "model",
+                "an nn.Module, a callable returning one, or an import path",
+                type(f).__name__,
+                'Pass e.g. model=lambda: MyNet() or "pkg.mod:make_net"',
+            )
 
     @property
     def import_path(self) -> str | None:
@@ -100,10 +108,16 @@ class ModelSpec:
         try:
             module = factory(**dict(self.kwargs))
         except Exception as exc:
-            raise ConfigError(f"the model factory {f!r} raised {type(exc).__name__}: {exc}") from exc
+            raise ConfigError(
+                f"the model factory {f!r} raised {type(exc).__name__}: {exc}"
+            ) from exc
         if not isinstance(module, nn.Module):
-            raise _fail("the model factory's result", "an nn.Module", type(module).__name__,
-                        "Return the module from the factory")
+            raise _fail(
+                "the model factory's result",
+                "an nn.Module",
+                type(module).__name__,
+                "Return the module from the factory",
+            )
         return module
 
 
@@ -134,18 +148,29 @@ class OptimConfig:
         if not isinstance(self.loss, str) and not callable(self.loss):
             raise _fail("loss", "a name or a callable", self.loss, "Pass e.g. loss='mse'")
         if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
-            raise _fail("optimizer", f"one of {OPTIMIZERS} or a callable", self.optimizer,
-                        "Pick a listed name")
+            raise _fail(
+                "optimizer",
+                f"one of {OPTIMIZERS} or a callable",
+                self.optimizer,
+                "Pick a listed name",
+            )
         if not isinstance(self.optimizer, str) and not callable(self.optimizer):
-            raise _fail("optimizer", "a name or a callable", self.optimizer,
-                        "Pass e.g. optimizer='sgd'")
+            raise _fail(
+                "optimizer", "a name or a callable", self.optimizer, "Pass e.g. optimizer='sgd'"
+            )
         lr = self.learning_rate
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        if (
+            isinstance(lr, bool)
+            or not isinstance(lr, (int, float))
+            or not math.isfinite(lr)
+            or lr <= 0
+        ):
             raise _fail("learning_rate", "a finite number > 0", lr, "Use e.g. 1e-3")
         _positive_int("batch_size", self.batch_size, "Use e.g. batch_size=64")
         _positive_int("epochs", self.epochs, "Use e.g. epochs=5")
-        _positive_int("log_every_steps", self.log_every_steps, "Use 0 to log per epoch only",
-                      allow_zero=True)
+        _positive_int(
+            "log_every_steps", self.log_every_steps, "Use 0 to log per epoch only", allow_zero=True
+        )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise _fail("seed", "an integer", self.seed, "Use e.g. seed=0")
 
@@ -161,8 +186,12 @@ class SyncConfig:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise _fail("strategy", f"one of {STRATEGIES}", self.strategy,
-                        'Use strategy="allreduce" unless you need another mode')
+            raise _fail(
+                "strategy",
+                f"one of {STRATEGIES}",
+                self.strategy,
+                'Use strategy="allreduce" unless you need another mode',
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,10 +206,12 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted after a newer one commits."""
 
     def __post_init__(self) -> None:
-        _positive_int("checkpoint every_epochs", self.every_epochs, "Use 0 to disable",
-                      allow_zero=True)
-        _positive_int("checkpoint every_steps", self.every_steps, "Use 0 to disable",
-                      allow_zero=True)
+        _positive_int(
+            "checkpoint every_epochs", self.every_epochs, "Use 0 to disable", allow_zero=True
+        )
+        _positive_int(
+            "checkpoint every_steps", self.every_steps, "Use 0 to disable", allow_zero=True
+        )
         _positive_int("keep_last", self.keep_last, "Keep at least one checkpoint")
 
 

@@ -68,8 +68,11 @@ def test_model_spec_errors():
 
 
 def test_train_spec_pickles_and_checks_paths():
-    spec = TrainSpec(model=ModelSpec(factory="sparkdl.models:mlp", kwargs={"in_features": 2, "out_features": 2}),
-                     dataset_path="/tmp/ds", run_dir="/tmp/run")
+    spec = TrainSpec(
+        model=ModelSpec(factory="sparkdl.models:mlp", kwargs={"in_features": 2, "out_features": 2}),
+        dataset_path="/tmp/ds",
+        run_dir="/tmp/run",
+    )
     assert pickle.loads(pickle.dumps(spec)) == spec
     with pytest.raises(ConfigError, match="run_dir"):
         TrainSpec(model=spec.model, dataset_path="/tmp/ds", run_dir="")

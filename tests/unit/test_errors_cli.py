@@ -39,8 +39,12 @@ def test_worker_group_error_pickles_and_names_ranks():
 
 def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "job.toml"
-    path.write_text('[training]\nepochs = 4\n[model]\nfactory = "sparkdl.models:mlp"\n[model.kwargs]\nin_features = 3\n')
-    config = load_config(str(path), ["training.batch_size=16", "data.feature_cols=['a', 'b']", "run.run_dir=out"])
+    path.write_text(
+        '[training]\nepochs = 4\n[model]\nfactory = "sparkdl.models:mlp"\n[model.kwargs]\nin_features = 3\n'
+    )
+    config = load_config(
+        str(path), ["training.batch_size=16", "data.feature_cols=['a', 'b']", "run.run_dir=out"]
+    )
     assert config["training"]["epochs"] == 4
     assert config["training"]["batch_size"] == 16
     assert config["data"]["feature_cols"] == ["a", "b"]

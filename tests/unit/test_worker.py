@@ -25,18 +25,29 @@ def _dataset(path, rows=96, validation_rows=0, label_scale=1.0):
     def table(n):
         x = rng.normal(size=(n, 3)).astype(np.float32)
         y = (x.sum(axis=1) > 0).astype(np.int64) * int(label_scale)
-        return pa.table({"a": x[:, 0], "b": pa.array(list(x[:, 1:]), pa.list_(pa.float32())), "y": y})
+        return pa.table(
+            {"a": x[:, 0], "b": pa.array(list(x[:, 1:]), pa.list_(pa.float32())), "y": y}
+        )
 
-    write_dataset(str(path), [table(rows)], feature_cols=["a", "b"], label_col="y",
-                  validation_shards=[table(validation_rows)] if validation_rows else None)
+    write_dataset(
+        str(path),
+        [table(rows)],
+        feature_cols=["a", "b"],
+        label_col="y",
+        validation_shards=[table(validation_rows)] if validation_rows else None,
+    )
     return str(path)
 
 
 def _spec(tmp_path, dataset, **optim):
     settings = {"batch_size": 8, "epochs": 3, "log_every_steps": 4, "learning_rate": 0.05}
     settings.update(optim)
-    return TrainSpec(model=ModelSpec(factory=lambda: torch.nn.Linear(3, 2)), dataset_path=dataset,
-                     run_dir=str(tmp_path / "run"), optim=OptimConfig(**settings))
+    return TrainSpec(
+        model=ModelSpec(factory=lambda: torch.nn.Linear(3, 2)),
+        dataset_path=dataset,
+        run_dir=str(tmp_path / "run"),
+        optim=OptimConfig(**settings),
+    )
 
 
 def test_world_of_one_trains_and_writes_metrics_and_model(tmp_path):

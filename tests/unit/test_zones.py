@@ -28,9 +28,21 @@ def _zone(tree: ast.Module) -> str:
     return doc.split()[0] if doc else ""
 
 
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """ids of import nodes under ``if TYPE_CHECKING:`` (never executed at run time)."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            skipped.update(id(child) for stmt in node.body for child in ast.walk(stmt))
+    return skipped
+
+
 def _imports(tree: ast.Module) -> set[str]:
     names: set[str] = set()
+    skipped = _type_checking_only(tree)
     for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -51,8 +63,13 @@ ZONE_OF = {_module_name(rel): _zone(tree) for rel, tree in ALL.items()}
 def test_every_module_names_its_zone_and_exports(rel):
     tree = ALL[rel]
     assert _zone(tree) in ZONES, f"{rel}: docstring must start with one of {sorted(ZONES)}"
-    assigned = {t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
-                for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    assigned = {
+        t.id
+        for n in tree.body
+        if isinstance(n, (ast.Assign, ast.AnnAssign))
+        for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+        if isinstance(t, ast.Name)
+    }
     assert "__all__" in assigned, f"{rel}: define __all__"
 
 
@@ -61,17 +78,27 @@ def test_zone_rules(rel):
     tree = ALL[rel]
     zone, imports = _zone(tree), _imports(tree)
     if zone in ("[worker]", "[any]"):
-        assert not any(i == "pyspark" or i.startswith("pyspark.") for i in imports), f"{rel} imports pyspark"
+        assert not any(i == "pyspark" or i.startswith("pyspark.") for i in imports), (
+            f"{rel} imports pyspark"
+        )
         for name in imports:
             target = ZONE_OF.get(name)
-            assert target in (None, "[worker]", "[any]"), f"{rel} ({zone}) imports {name} ({target})"
+            assert target in (None, "[worker]", "[any]"), (
+                f"{rel} ({zone}) imports {name} ({target})"
+            )
     if zone == "[driver]":
-        assert not any(i.startswith("torch.distributed") for i in imports), f"{rel} imports torch.distributed"
+        assert not any(i.startswith("torch.distributed") for i in imports), (
+            f"{rel} imports torch.distributed"
+        )
     source = ast.unparse(tree)
     if rel != "launch/rendezvous.py":
-        assert "BarrierTaskContext" not in source, f"{rel}: only launch/rendezvous.py reads BarrierTaskContext"
+        assert "BarrierTaskContext" not in source, (
+            f"{rel}: only launch/rendezvous.py reads BarrierTaskContext"
+        )
     if rel not in ENV_WRITERS:
-        assert "os.environ" not in source and "getenv" not in source, f"{rel}: env vars belong in rendezvous.py"
+        assert "os.environ" not in source and "getenv" not in source, (
+            f"{rel}: env vars belong in rendezvous.py"
+        )
 
 
 def test_worker_modules_load_without_pyspark():

@@ -1,0 +1,631 @@
+"""[worker] One rank's rows of a materialized dataset → shuffled torch batches, read with pyarrow.
+
+Pure pyarrow + numpy + torch (never pyspark), so it runs in a Spark task, a local process or a
+unit test alike.
+
+Row space. A split's rows form one global sequence: its shards in index order, each shard's
+files in order. Rank ``r`` of ``world_size`` owns the contiguous slice ``rank_slice(N, W, r)``
+(sizes ``floor(N/W)`` or ``ceil(N/W)``), so with ``num_shards == world_size`` rank ``r`` reads
+exactly shard ``r``, and a run can resume with another world size.
+
+Equal steps. Every rank yields ``len(loader)`` batches per epoch, the same on every rank:
+``drop_last=True`` (default) → ``floor(floor(N/W) / batch_size)`` full batches; each rank's
+surplus rows are dropped, and with ``shuffle=True`` which rows those are changes every epoch.
+``drop_last=False`` → ``ceil(ceil(N/W) / batch_size)`` batches with every row; the last batch
+may be short, and a rank whose slice is one row shorter repeats its first row once so that
+every rank yields the same batch sizes (all-reduce never waits on a rank that ran out).
+
+Shuffle (``shuffle=True``), seeded by ``(seed, epoch, rank)`` and independent of timing or
+prefetch depth: the rank's row-group pieces are visited in a permuted order, and rows are
+permuted inside a bounded buffer of ``shuffle_buffer_rows`` rows. ``shuffle=False`` yields the
+slice in file order: batch ``i`` is rows ``[i*b, (i+1)*b)`` of the slice.
+
+Batches are ``(features, label)``: ``features`` float32 ``[B, F]`` (the feature columns
+concatenated in ``feature_cols`` order), ``label`` int64 ``[B]`` for integer labels, float32
+otherwise. A ``transform(batch: dict[str, Tensor]) -> dict`` hook runs in the loader thread on
+``{column: tensor}`` (scalar columns ``[B]``, array columns ``[B, k]``, plus the label column);
+the loader then yields ``(out["features"], out["label"])`` where present, else the feature
+columns of ``out`` flattened and concatenated, and ``out[label_col]``.
+
+Files are verified against the manifest's sha256 when first opened (once per dataset object);
+a missing or corrupt file falls back to its next replica with a warning, and DataError names
+the file when every replica fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from sparkdl.data import storage
+from sparkdl.data.manifest import FileEntry, Manifest
+from sparkdl.errors import ConfigError, DataError
+
+__all__ = ["ShardedDataset", "ShardLoader", "rank_slice", "steps_for"]
+
+log = logging.getLogger("sparkdl")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+_BUFFER_BYTES = 64 << 20
+_BUFFER_MAX_ROWS = 1 << 17
+_HANDOVER_BATCHES = 16
+
+
+def rank_slice(total: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank's contiguous slice; the first ``total % world_size`` get one more."""
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def steps_for(total: int, world_size: int, batch_size: int, drop_last: bool = True) -> int:
+    """Batches every rank yields per epoch for a split of ``total`` rows (see module docstring)."""
+    if drop_last:
+        return (total // world_size) // batch_size
+    return math.ceil(math.ceil(total / world_size) / batch_size)
+
+
+class ShardedDataset:
+    """A materialized dataset: its root ``path`` (local path or URI) and validated ``manifest``.
+
+    Picklable (send it to workers); each process verifies a file's checksum once.
+    """
+
+    def __init__(self, path: str, manifest: Manifest) -> None:
+        self._path = storage.normalize_uri(path)
+        self._manifest = manifest
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._lock = threading.Lock()
+        self._verified: set[tuple[str, str]] = set()
+        self._fs: Any = None
+        self._root = ""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self._path, "manifest": self._manifest}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._path, self._manifest = state["path"], state["manifest"]
+        self._init_runtime()
+
+    @classmethod
+    def load(cls, path: str) -> ShardedDataset:
+        """Open the dataset at ``path``; DataError when its manifest is missing or inconsistent."""
+        return cls(path, Manifest.load(path))
+
+    def __repr__(self) -> str:
+        m = self._manifest
+        return (
+            f"ShardedDataset({self._path!r}, rows={m.splits}, num_shards={m.num_shards}, "
+            f"feature_dim={m.feature_dim})"
+        )
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the train split."""
+        return self._manifest.splits["train"]
+
+    def num_rows_of(self, split: str = "train") -> int:
+        return self._manifest.splits.get(split, 0)
+
+    @property
+    def feature_dim(self) -> int:
+        return self._manifest.feature_dim
+
+    @property
+    def num_shards(self) -> int:
+        return self._manifest.num_shards
+
+    @property
+    def label_is_integer(self) -> bool:
+        return self._manifest.label_type == "int64"
+
+    def steps_per_epoch(
+        self, world_size: int, batch_size: int, split: str = "train", *, drop_last: bool = True
+    ) -> int:
+        """What ``len(self.loader(...))`` will be, from the manifest alone."""
+        _check_positive("world_size", world_size)
+        _check_positive("batch_size", batch_size)
+        self._manifest.shards_of(split)  # DataError for an unknown split
+        return steps_for(self._manifest.splits[split], world_size, batch_size, drop_last)
+
+    def loader(self, rank: int, world_size: int, **kwargs: Any) -> ShardLoader:
+        """Rank ``rank``'s loader; keyword arguments are those of :class:`ShardLoader`."""
+        return ShardLoader(self, rank, world_size, **kwargs)
+
+    def open_file(self, entry: FileEntry, *, verify: bool = True) -> pq.ParquetFile:
+        """Open ``entry`` (primary, then replicas), verifying its sha256 on first open.
+
+        Raises DataError naming the file and each candidate's failure when none can be used.
+        """
+        if self._fs is None:
+            self._fs, self._root = storage.resolve(self._path)
+        failures: list[str] = []
+        for candidate in entry.candidates:
+            full = storage.join(self._root, candidate)
+            try:
+                if verify:
+                    self._verify(entry, candidate, full)
+                pf = pq.ParquetFile(storage.open_input(self._fs, full))
+                if pf.metadata.num_rows != entry.rows:
+                    raise _Mismatch(f"{pf.metadata.num_rows} rows, manifest says {entry.rows}")
+            except (OSError, pa.ArrowException, _Mismatch) as e:
+                failures.append(f"{candidate}: {type(e).__name__}: {e}")
+                log.warning("sparkdl: cannot use %s (%s); trying the next replica", full, e)
+                continue
+            return pf
+        raise DataError(
+            f"file {entry.path!r} of dataset {self._path!r} must be readable with sha256 "
+            f"{entry.sha256} and {entry.bytes} bytes, got a failure on every replica: "
+            f"{'; '.join(failures)}. Re-run materialize with mode='overwrite'."
+        )
+
+    def _verify(self, entry: FileEntry, candidate: str, full: str) -> None:
+        key = (candidate, entry.sha256)
+        with self._lock:
+            if key in self._verified:
+                return
+        sha, size = storage.sha256_of(self._fs, full)
+        if size != entry.bytes or sha != entry.sha256:
+            raise _Mismatch(
+                f"checksum mismatch: sha256 {sha} and {size} bytes, "
+                f"manifest says {entry.sha256} and {entry.bytes} bytes"
+            )
+        with self._lock:
+            self._verified.add(key)
+
+
+class _Mismatch(Exception):
+    """A file exists but is not the one the manifest describes."""
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Rows ``[lo, hi)`` of row group ``row_group`` of file ``file_index`` (in the split's files)."""
+
+    file_index: int
+    row_group: int
+    lo: int
+    hi: int
+
+
+def _plan_pieces(files: list[FileEntry], start: int, stop: int) -> list[_Piece]:
+    """The row-group pieces covering global rows ``[start, stop)``, in global order."""
+    pieces: list[_Piece] = []
+    offset = 0
+    for fi, f in enumerate(files):
+        for gi, n in enumerate(f.row_groups):
+            lo, hi = max(start, offset), min(stop, offset + n)
+            if lo < hi:
+                pieces.append(_Piece(fi, gi, lo - offset, hi - offset))
+            offset += n
+            if offset >= stop:
+                return pieces
+    return pieces
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}. Pass a positive int.")
+
+
+def _check_nonnegative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}. Pass 0 or more.")
+
+
+class ShardLoader:
+    """Iterable of one rank's batches for one epoch at a time; see the module docstring.
+
+    Arguments: ``batch_size`` rows per batch; ``shuffle`` two-level seeded shuffle; ``seed`` and
+    ``epoch`` seed it (``set_epoch`` each epoch); ``split`` "train" or "validation";
+    ``drop_last`` see module docstring; ``prefetch_batches`` depth of the background queue (0 =
+    read in the caller's thread); ``device``/``pin_memory`` where batches go; ``shuffle_buffer_rows``
+    bound of the row shuffle buffer (default: about 64 MiB of rows, at least 2 batches);
+    ``transform`` hook run in the loader thread; ``verify_checksums`` check sha256 on first open.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardedDataset,
+        rank: int,
+        world_size: int,
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        split: str = "train",
+        drop_last: bool = True,
+        prefetch_batches: int = 2,
+        device: torch.device | str | None = None,
+        pin_memory: bool = False,
+        shuffle_buffer_rows: int | None = None,
+        transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        verify_checksums: bool = True,
+    ) -> None:
+        _check_positive("world_size", world_size)
+        _check_nonnegative("rank", rank)
+        if rank >= world_size:
+            raise ConfigError(
+                f"rank must be < world_size ({world_size}), got {rank}. Pass 0 <= rank < world."
+            )
+        _check_positive("batch_size", batch_size)
+        _check_nonnegative("seed", seed)
+        _check_nonnegative("epoch", epoch)
+        _check_nonnegative("prefetch_batches", prefetch_batches)
+        if shuffle_buffer_rows is not None:
+            _check_positive("shuffle_buffer_rows", shuffle_buffer_rows)
+        if transform is not None and not callable(transform):
+            raise ConfigError(f"transform must be callable, got {transform!r}. Pass a function.")
+        m = dataset.manifest
+        self._dataset, self._manifest = dataset, m
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.shuffle, self.seed, self.split, self.drop_last = bool(shuffle), seed, split, drop_last
+        self.prefetch_batches, self.transform = prefetch_batches, transform
+        self.device = torch.device(device) if device is not None else None
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        self.verify_checksums = verify_checksums
+        self._files = m.files_of(split)
+        total = m.splits[split]
+        self._start, self._stop = rank_slice(total, world_size, rank)
+        self._steps = steps_for(total, world_size, batch_size, drop_last)
+        max_rows = math.ceil(total / world_size)
+        self._budget = self._steps * batch_size if drop_last else max_rows
+        if not drop_last and self._stop == self._start and max_rows > 0:
+            raise DataError(
+                f"split {split!r} must have at least world_size ({world_size}) rows for "
+                f"drop_last=False, got {total}. Use fewer workers or drop_last=True."
+            )
+        default_rows = _BUFFER_BYTES // (4 * (m.feature_dim + 1))
+        self.shuffle_buffer_rows = shuffle_buffer_rows or max(
+            2 * batch_size, min(_BUFFER_MAX_ROWS, default_rows)
+        )
+        self._epoch, self._consumed, self._skip = epoch, 0, 0
+        if self._steps == 0:
+            log.warning(
+                "sparkdl: rank %d gets 0 batches of %d from split %r (%d rows over %d ranks)",
+                rank,
+                batch_size,
+                split,
+                total,
+                world_size,
+            )
+
+    def __len__(self) -> int:
+        return self._steps
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (reseeds the shuffle) and start it from its first batch."""
+        _check_nonnegative("epoch", epoch)
+        self._epoch, self._consumed, self._skip = epoch, 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position to resume from: the epoch and how many batches of it were handed out."""
+        return {
+            "epoch": self._epoch,
+            "batches_consumed": self._consumed,
+            "seed": self.seed,
+            "split": self.split,
+            "shuffle": self.shuffle,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration continues ``state``'s epoch after its consumed batches.
+
+        With the same world size and batch size the resumed batches are exactly the rest of the
+        interrupted epoch. With others, the position is scaled by rows consumed (approximate).
+        """
+        try:
+            epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(
+                f"state must hold 'epoch' and 'batches_consumed', got {state!r}. "
+                "Pass what ShardLoader.state_dict() returned."
+            ) from e
+        old_world = int(state.get("world_size", self.world_size))
+        old_batch = int(state.get("batch_size", self.batch_size))
+        if (old_world, old_batch) != (self.world_size, self.batch_size):
+            scaled = consumed * old_world * old_batch // (self.world_size * self.batch_size)
+            log.warning(
+                "sparkdl: resuming with world_size/batch_size %d/%d instead of %d/%d; "
+                "position scaled from %d to %d batches (approximate)",
+                self.world_size,
+                self.batch_size,
+                old_world,
+                old_batch,
+                consumed,
+                scaled,
+            )
+            consumed = scaled
+        self.set_epoch(epoch)
+        self._skip = self._consumed = min(consumed, self._steps)
+
+    def __iter__(self) -> Iterator[Batch]:
+        skip, self._skip = self._skip, 0
+        self._consumed = skip
+        produced = self._produce(self._epoch, skip)
+        if self.prefetch_batches > 0:
+            produced = _prefetched(produced, self.prefetch_batches)
+        for features, label in produced:
+            if self.device is not None:
+                features = features.to(self.device, non_blocking=self.pin_memory)
+                label = label.to(self.device, non_blocking=self.pin_memory)
+            self._consumed += 1
+            yield features, label
+
+    # --- producer (runs in the prefetch thread) -------------------------------------------
+
+    def _produce(self, epoch: int, skip: int) -> Iterator[Batch]:
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        pieces = _plan_pieces(self._files, self._start, self._stop)
+        if self.shuffle:
+            pieces = [pieces[i] for i in rng.permutation(len(pieces))]
+        capacity = self.shuffle_buffer_rows if self.shuffle else self.batch_size
+        handles: dict[int, pq.ParquetFile] = {}
+        emitted = 0
+        try:
+            for features, label in self._rounds(pieces, handles, rng, capacity):
+                for i in range(0, len(label), self.batch_size):
+                    if emitted >= self._steps:
+                        return
+                    emitted += 1
+                    if emitted > skip:
+                        yield self._finish(
+                            features[i : i + self.batch_size], label[i : i + self.batch_size]
+                        )
+        finally:
+            for pf in handles.values():
+                close = getattr(pf, "close", None)  # ParquetFile.close: pyarrow >= 8
+                if close is not None:
+                    close()
+
+    def _rounds(
+        self,
+        pieces: list[_Piece],
+        handles: dict[int, pq.ParquetFile],
+        rng: np.random.Generator,
+        capacity: int,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Buffers of rows (shuffled when asked) whose length is a multiple of the batch size,
+        except the last one, which also carries the drop_last=False padding."""
+        b = self.batch_size
+        feats: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        buffered, left = 0, self._budget
+        first: tuple[np.ndarray, np.ndarray] | None = None
+        for f, y in self._read_ahead(pieces, handles):
+            if first is None and len(y):
+                first = (f[:1], y[:1])
+            feats.append(f)
+            labels.append(y)
+            buffered += len(y)
+            if buffered >= capacity and buffered >= b:
+                F, Y = self._mix(feats, labels, rng)
+                full = min(buffered // b * b, left // b * b)
+                yield F[:full], Y[:full]
+                left -= full
+                if left <= 0:
+                    return
+                feats, labels, buffered = [F[full:]], [Y[full:]], buffered - full
+        if buffered < left and first is not None:  # drop_last=False: a short rank repeats a row
+            feats.append(np.repeat(first[0], left - buffered, axis=0))
+            labels.append(np.repeat(first[1], left - buffered, axis=0))
+        if feats:
+            F, Y = self._mix(feats, labels, rng)
+            yield F[:left], Y[:left]
+
+    def _read_ahead(
+        self, pieces: list[_Piece], handles: dict[int, pq.ParquetFile]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Decoded pieces in order; the next one is read in a helper thread (pyarrow and numpy
+        release the GIL) while the caller shuffles and batches the current one."""
+        if len(pieces) < 2:
+            yield from (self._read_piece(p, handles) for p in pieces)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="sparkdl-read") as pool:
+            future = pool.submit(self._read_piece, pieces[0], handles)
+            for piece in pieces[1:]:
+                current = future.result()
+                future = pool.submit(self._read_piece, piece, handles)
+                yield current
+            yield future.result()
+
+    def _mix(
+        self, feats: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        F = feats[0] if len(feats) == 1 else np.concatenate(feats)
+        Y = labels[0] if len(labels) == 1 else np.concatenate(labels)
+        if self.shuffle and len(Y) > 1:
+            perm = rng.permutation(len(Y))
+            F, Y = np.take(F, perm, axis=0), np.take(Y, perm)  # take: ~2x faster than F[perm]
+        return F, Y
+
+    def _read_piece(
+        self, piece: _Piece, handles: dict[int, pq.ParquetFile]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        pf = handles.get(piece.file_index)
+        if pf is None:
+            entry = self._files[piece.file_index]
+            pf = self._dataset.open_file(entry, verify=self.verify_checksums)
+            handles[piece.file_index] = pf
+        m = self._manifest
+        table = pf.read_row_groups(
+            [piece.row_group], columns=[*m.feature_cols, m.label_col], use_threads=True
+        )
+        if piece.lo or piece.hi < table.num_rows:
+            table = table.slice(piece.lo, piece.hi - piece.lo)
+        return decode_table(table, m)
+
+    def _finish(self, features: np.ndarray, label: np.ndarray) -> Batch:
+        f = torch.from_numpy(_writable(features))
+        y = torch.from_numpy(_writable(label))
+        if self.transform is not None:
+            f, y = self._apply_transform(f, y)
+        if self.pin_memory:
+            f, y = f.pin_memory(), y.pin_memory()
+        return f, y
+
+    def _apply_transform(self, f: torch.Tensor, y: torch.Tensor) -> Batch:
+        m = self._manifest
+        batch: dict[str, torch.Tensor] = {}
+        offset = 0
+        for col, shape in zip(m.feature_cols, m.feature_shapes):
+            width = shape[0] if shape else 1
+            view = f[:, offset : offset + width]
+            batch[col] = view.reshape(-1) if not shape else view
+            offset += width
+        batch[m.label_col] = y
+        out = self.transform(batch)  # type: ignore[misc]
+        if not isinstance(out, dict):
+            raise DataError(
+                f"transform must return a dict of tensors, got {type(out).__name__}. "
+                "Return the batch dict (with 'features'/'label' or the column names)."
+            )
+        if "features" in out:
+            features = out["features"]
+        else:
+            n = y.shape[0]
+            features = torch.cat([out[c].reshape(n, -1).float() for c in m.feature_cols], dim=1)
+        return features, out["label"] if "label" in out else out[m.label_col]
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.writeable else a.copy()
+
+
+def decode_table(table: pa.Table, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """Column-wise Arrow → (float32 features ``[n, feature_dim]``, label ``[n]``), no per-row Python."""
+    n = table.num_rows
+    cols, shapes = manifest.feature_cols, manifest.feature_shapes
+    if len(cols) == 1:
+        features = _column_values(table, cols[0], n, shapes[0]).reshape(n, manifest.feature_dim)
+    else:
+        # Stack column-major (contiguous copies), then one blocked transpose: ~4x faster than
+        # writing each column into a row-major array with a stride.
+        blocks = []
+        for col, shape in zip(cols, shapes):
+            values = _column_values(table, col, n, shape)
+            blocks.append(values.reshape(1, n) if not shape else values.reshape(n, shape[0]).T)
+        features = np.ascontiguousarray(np.concatenate(blocks, axis=0).T)
+    label_dtype = np.int64 if manifest.label_type == "int64" else np.float32
+    label = _column_values(table, manifest.label_col, n, (), label_dtype)
+    return features, label
+
+
+def _column_values(
+    table: pa.Table, name: str, n: int, shape: tuple[int, ...], dtype: Any = np.float32
+) -> np.ndarray:
+    column = table.column(name)
+    chunks = column.chunks
+    if not chunks:
+        arr = pa.array([], type=column.type)
+    else:
+        arr = chunks[0] if len(chunks) == 1 else pa.concat_arrays(chunks)
+    if arr.null_count:
+        raise DataError(
+            f"column {name!r} must have no nulls, got {arr.null_count}. Re-materialize the data."
+        )
+    if (
+        pa.types.is_list(arr.type)
+        or pa.types.is_large_list(arr.type)
+        or pa.types.is_fixed_size_list(arr.type)
+    ):
+        arr = arr.flatten()
+    values = arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    width = shape[0] if shape else 1
+    if values.size != n * width:
+        raise DataError(
+            f"column {name!r} must hold {width} value(s) per row, got {values.size} values for "
+            f"{n} rows. Re-materialize the dataset with mode='overwrite'."
+        )
+    return values
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def _prefetched(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """Run ``source`` in a daemon thread, about ``depth`` batches ahead, in the same order.
+
+    Batches cross over in groups of up to ``_HANDOVER_BATCHES`` (one thread switch per group
+    rather than per batch, which otherwise costs ~60 us a batch under the GIL), so the thread
+    works ahead by ``depth`` rounded up to a whole group. The thread stops when the consumer
+    stops (break, exception, garbage collection); its exceptions re-raise in the consumer.
+    """
+    q: queue.Queue[Any] = queue.Queue(maxsize=max(1, math.ceil(depth / _HANDOVER_BATCHES)))
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            group: list[Batch] = []
+            for item in source:
+                group.append(item)
+                if len(group) >= _HANDOVER_BATCHES:
+                    if not put(group):
+                        return
+                    group = []
+            if (not group or put(group)) and put(_DONE):
+                return
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            put(_Failure(e))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=run, name="sparkdl-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield from item
+    finally:
+        stop.set()
+        while not q.empty():
+            q.get_nowait()
+        thread.join(timeout=10)

@@ -1,0 +1,652 @@
+"""[driver] DataFrame → sharded Parquet + manifest, done by Spark in two Arrow-columnar jobs.
+
+1. *Scan*: the converted DataFrame (features cast to float32 / array<float>, vectors through
+   ``vector_to_array``, label to int64 or float32) is persisted, and one ``mapInArrow`` pass
+   returns per partition its row count, the validation-split count, null / NaN / inf counts and
+   array lengths per column, and a content digest. The driver validates these before any write.
+2. *Route and write*: global row ``i`` of a split goes to shard ``i % num_shards`` (equal rows
+   ±1, in the DataFrame's row order); ``mapInArrow`` emits Arrow IPC pieces keyed by
+   (shard, first row), ``repartitionAndSortWithinPartitions`` puts each shard's pieces in one
+   partition in row order, and that task writes the shard's Parquet file (row groups sized so
+   every shard has several), its replicas, and returns a small record (rows, bytes, sha256).
+
+The driver writes ``_sparkdl_manifest.json`` last, atomically. No data is collected to the
+driver and no per-row Python runs. Layout under the dataset root::
+
+    train/shard-00000.parquet ...        read with spark.read.parquet(f"{root}/train")
+    validation/shard-00000.parquet ...   when validation_fraction > 0
+    _replicas/1/train/shard-00000.parquet ...   when replicas > 1 (hidden from Spark readers)
+    _sparkdl_manifest.json
+
+pyspark is imported inside functions only, so importing this module does not import pyspark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from sparkdl.data import storage
+from sparkdl.data.loader import ShardedDataset
+from sparkdl.data.manifest import FORMAT_VERSION, FileEntry, Manifest, ShardEntry
+from sparkdl.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+__all__ = ["materialize", "MODES", "default_row_group_rows"]
+
+log = logging.getLogger("sparkdl")
+
+MODES = ("error", "overwrite", "reuse")
+_MAX_ROW_GROUP_ROWS = 1 << 16
+_ROW_GROUPS_PER_SHARD = 8
+_U64 = np.uint64
+
+
+@dataclass(frozen=True)
+class _Params:
+    feature_cols: tuple[str, ...]
+    label_col: str
+    num_shards: int
+    seed: int
+    mode: str
+    validation_fraction: float
+    replicas: int
+    row_group_rows: int | None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Feature columns with their kind ("scalar" | "array" | "vector") and the label's type."""
+
+    features: tuple[tuple[str, str], ...]
+    label_col: str
+    label_type: str
+
+    @property
+    def columns(self) -> list[str]:
+        return [name for name, _ in self.features] + [self.label_col]
+
+
+def materialize(
+    df: DataFrame,
+    path: str,
+    *,
+    feature_cols: list[str],
+    label_col: str,
+    num_shards: int,
+    seed: int = 0,
+    mode: str = "error",
+    validation_fraction: float = 0.0,
+    replicas: int = 1,
+    row_group_rows: int | None = None,
+) -> ShardedDataset:
+    """Write ``df`` as ``num_shards`` equal Parquet shards (±1 row) plus a manifest at ``path``.
+
+    ``feature_cols``: numeric, array<numeric> (fixed length) or Spark ML vector columns, stored
+    as float32 and concatenated by the loader in this order. ``label_col``: integer types →
+    int64, fractional → float32. ``mode``: "error" refuses an existing path, "overwrite"
+    replaces it, "reuse" returns the existing dataset when the data and parameters hash the
+    same (else ConfigError). ``validation_fraction``: seeded per-row split into "validation".
+    ``replicas``: copies of every file (the loader falls back to them). ``row_group_rows``:
+    rows per Parquet row group (default: about 1/8 of a shard, at most 65,536).
+
+    Raises ConfigError/DataError on the driver, before anything is written, for bad parameters,
+    missing or non-numeric columns, nulls, NaN/inf, ragged arrays, an empty DataFrame, fewer
+    rows than shards, or an existing path with mode="error".
+    """
+    params = _check_params(
+        feature_cols,
+        label_col,
+        num_shards,
+        seed,
+        mode,
+        validation_fraction,
+        replicas,
+        row_group_rows,
+    )
+    uri = storage.normalize_uri(path)
+    fs, root = storage.resolve(uri)
+    layout = _plan_columns(df, params)
+    exists = storage.exists(fs, root)
+    if exists and mode == "error":
+        raise ConfigError(
+            f"path must not exist with mode='error', got existing {uri!r}. Pass "
+            "mode='overwrite' to replace it, mode='reuse' to reuse it, or choose another path."
+        )
+    converted = _convert(df, layout).persist()
+    try:
+        scan = _scan(converted, layout, params)
+        counts = _check_scan(scan, layout, params)
+        plan_hash = _plan_hash(params, layout, converted, scan)
+        if exists and mode == "reuse":
+            return _reuse(uri, plan_hash)
+        if exists:
+            log.info("sparkdl: overwriting dataset at %s", uri)
+            storage.remove_tree(fs, root)
+        records = _write_shards(converted, uri, params, scan, counts)
+    finally:
+        converted.unpersist()
+    manifest = _build_manifest(params, layout, counts, records, plan_hash, scan)
+    manifest.save(uri)
+    log.info("sparkdl: materialized %s rows into %d shards at %s", counts, params.num_shards, uri)
+    return ShardedDataset(uri, manifest)
+
+
+def default_row_group_rows(shard_rows: int) -> int:
+    """About 1/8 of a shard (several row groups per shard for shuffling), at most 65,536."""
+    return max(1, min(_MAX_ROW_GROUP_ROWS, math.ceil(shard_rows / _ROW_GROUPS_PER_SHARD)))
+
+
+# --- parameters and columns (driver, schema only) --------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_params(
+    feature_cols: Any,
+    label_col: Any,
+    num_shards: Any,
+    seed: Any,
+    mode: Any,
+    validation_fraction: Any,
+    replicas: Any,
+    row_group_rows: Any,
+) -> _Params:
+    if isinstance(feature_cols, str) or not isinstance(feature_cols, (list, tuple)):
+        raise ConfigError(
+            f"feature_cols must be a list of column names, got {feature_cols!r}. "
+            'Pass e.g. feature_cols=["features"].'
+        )
+    if not feature_cols or not all(isinstance(c, str) and c for c in feature_cols):
+        raise ConfigError(
+            f"feature_cols must be a non-empty list of column names, got {feature_cols!r}. "
+            "Name at least one feature column."
+        )
+    if len(set(feature_cols)) != len(feature_cols):
+        raise ConfigError(
+            f"feature_cols must not repeat a column, got {feature_cols!r}. Drop the duplicates."
+        )
+    if not isinstance(label_col, str) or not label_col:
+        raise ConfigError(f"label_col must be a column name, got {label_col!r}. Pass e.g. 'label'.")
+    if label_col in feature_cols:
+        raise ConfigError(
+            f"label_col must not be one of feature_cols, got {label_col!r} in both. "
+            "Remove it from feature_cols."
+        )
+    if not _is_int(num_shards) or num_shards < 1:
+        raise ConfigError(
+            f"num_shards must be an integer >= 1, got {num_shards!r}. Use the number of workers."
+        )
+    if not _is_int(seed) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}. Pass e.g. seed=0.")
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}. Pick one of those.")
+    if not isinstance(validation_fraction, (int, float)) or not 0 <= validation_fraction < 1:
+        raise ConfigError(
+            f"validation_fraction must be in [0, 1), got {validation_fraction!r}. "
+            "Pass e.g. 0.1, or 0 for no validation split."
+        )
+    if not _is_int(replicas) or replicas < 1:
+        raise ConfigError(f"replicas must be an integer >= 1, got {replicas!r}. Pass 1, 2 or 3.")
+    if row_group_rows is not None and (not _is_int(row_group_rows) or row_group_rows < 1):
+        raise ConfigError(
+            f"row_group_rows must be None or an integer >= 1, got {row_group_rows!r}. "
+            "Leave it None for the default."
+        )
+    return _Params(
+        tuple(feature_cols),
+        label_col,
+        num_shards,
+        seed,
+        mode,
+        float(validation_fraction),
+        replicas,
+        row_group_rows,
+    )
+
+
+def _column_kind(name: str, dtype: Any) -> str | None:
+    from pyspark.sql import types as T
+
+    if isinstance(dtype, T.NumericType):
+        return "scalar"
+    if isinstance(dtype, T.ArrayType) and isinstance(dtype.elementType, T.NumericType):
+        return "array"
+    if type(dtype).__name__ == "VectorUDT":
+        return "vector"
+    return None
+
+
+def _plan_columns(df: DataFrame, params: _Params) -> _Layout:
+    from pyspark.sql import types as T
+
+    fields = {f.name: f.dataType for f in df.schema.fields}
+    for col in (*params.feature_cols, params.label_col):
+        if col not in fields:
+            raise ConfigError(
+                f"column {col!r} must exist in the DataFrame, got columns {sorted(fields)}. "
+                "Fix feature_cols/label_col or add the column."
+            )
+    features = []
+    for col in params.feature_cols:
+        kind = _column_kind(col, fields[col])
+        if kind is None:
+            raise DataError(
+                f"feature column {col!r} must be numeric, array<numeric> or an ML vector, got "
+                f"{fields[col].simpleString()}. Encode it as numbers (e.g. StringIndexer) first."
+            )
+        features.append((col, kind))
+    label_type = fields[params.label_col]
+    if isinstance(label_type, T.IntegralType):
+        label = "int64"
+    elif isinstance(label_type, (T.FractionalType)):
+        label = "float32"
+    else:
+        raise DataError(
+            f"label column {params.label_col!r} must be numeric, got "
+            f"{label_type.simpleString()}. Index string labels with StringIndexer first."
+        )
+    return _Layout(tuple(features), params.label_col, label)
+
+
+def _quoted(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _convert(df: DataFrame, layout: _Layout) -> DataFrame:
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
+    exprs = []
+    for name, kind in layout.features:
+        col = F.col(_quoted(name))
+        if kind == "scalar":
+            exprs.append(col.cast("float").alias(name))
+        elif kind == "array":
+            exprs.append(col.cast("array<float>").alias(name))
+        else:
+            exprs.append(vector_to_array(col, "float32").alias(name))
+    label_sql = "bigint" if layout.label_type == "int64" else "float"
+    exprs.append(F.col(_quoted(layout.label_col)).cast(label_sql).alias(layout.label_col))
+    return df.select(*exprs)
+
+
+# --- job 1: scan (executors) -----------------------------------------------------------------
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + _U64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return x ^ (x >> _U64(31))
+
+
+def validation_mask(seed: int, partition: int, start: int, n: int, fraction: float) -> np.ndarray:
+    """Seeded per-row split: True for rows ``start..start+n`` of a partition that go to validation."""
+    if fraction <= 0 or n == 0:
+        return np.zeros(n, dtype=bool)
+    base = _splitmix64(np.array([seed * 1_000_003 + partition], dtype=_U64))[0]
+    with np.errstate(over="ignore"):
+        z = _splitmix64(np.arange(start, start + n, dtype=_U64) + base)
+    return (z >> _U64(11)).astype(np.float64) * (1.0 / (1 << 53)) < fraction
+
+
+def _column_stats(arr: pa.Array, stats: dict[str, Any], digest: Any) -> None:
+    import pyarrow.compute as pc
+
+    stats["nulls"] += arr.null_count
+    values = arr
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        lengths = pc.list_value_length(arr).drop_null()
+        if len(lengths):
+            lo, hi = (x.as_py() for x in pc.min_max(lengths).values())
+            stats["min_len"] = lo if stats["min_len"] is None else min(lo, stats["min_len"])
+            stats["max_len"] = hi if stats["max_len"] is None else max(hi, stats["max_len"])
+            digest.update(lengths.to_numpy(zero_copy_only=False).tobytes())
+        values = arr.flatten()
+        stats["nulls"] += values.null_count
+    values = values.drop_null() if values.null_count else values
+    np_values = values.to_numpy(zero_copy_only=False)
+    if np_values.dtype.kind == "f":
+        stats["nonfinite"] += int(np_values.size - np.count_nonzero(np.isfinite(np_values)))
+    digest.update(np_values.tobytes())
+
+
+def _scan_partition(columns: list[str], seed: int, fraction: float):
+    def scan(batches):
+        from pyspark import TaskContext
+
+        partition = TaskContext.get().partitionId()
+        stats = {c: {"nulls": 0, "nonfinite": 0, "min_len": None, "max_len": None} for c in columns}
+        digests = {c: hashlib.sha256() for c in columns}
+        rows = validation = 0
+        for batch in batches:
+            for c in columns:
+                _column_stats(batch.column(c), stats[c], digests[c])
+            validation += int(
+                validation_mask(seed, partition, rows, batch.num_rows, fraction).sum()
+            )
+            rows += batch.num_rows
+        digest = hashlib.sha256("".join(digests[c].hexdigest() for c in columns).encode())
+        yield pa.RecordBatch.from_arrays(
+            [
+                pa.array([partition], pa.int32()),
+                pa.array([rows], pa.int64()),
+                pa.array([validation], pa.int64()),
+                pa.array([json.dumps(stats)], pa.string()),
+                pa.array([digest.hexdigest()], pa.string()),
+            ],
+            names=["partition", "rows", "validation_rows", "stats", "digest"],
+        )
+
+    return scan
+
+
+@dataclass(frozen=True)
+class _Scan:
+    partitions: list[int]
+    rows: dict[int, int]
+    validation_rows: dict[int, int]
+    stats: dict[str, dict[str, Any]]
+    digest: str
+
+
+def _scan(converted: DataFrame, layout: _Layout, params: _Params) -> _Scan:
+    schema = "partition int, rows long, validation_rows long, stats string, digest string"
+    fn = _scan_partition(layout.columns, params.seed, params.validation_fraction)
+    converted.sparkSession.sparkContext.setJobDescription("sparkdl materialize: scan")
+    rows = sorted(converted.mapInArrow(fn, schema).collect(), key=lambda r: r["partition"])
+    stats: dict[str, dict[str, Any]] = {
+        c: {"nulls": 0, "nonfinite": 0, "lengths": set()} for c in layout.columns
+    }
+    for r in rows:
+        for c, s in json.loads(r["stats"]).items():
+            stats[c]["nulls"] += s["nulls"]
+            stats[c]["nonfinite"] += s["nonfinite"]
+            stats[c]["lengths"].update(x for x in (s["min_len"], s["max_len"]) if x is not None)
+    digest = hashlib.sha256("".join(r["digest"] for r in rows).encode()).hexdigest()
+    return _Scan(
+        partitions=[r["partition"] for r in rows],
+        rows={r["partition"]: r["rows"] for r in rows},
+        validation_rows={r["partition"]: r["validation_rows"] for r in rows},
+        stats=stats,
+        digest=digest,
+    )
+
+
+def _check_scan(scan: _Scan, layout: _Layout, params: _Params) -> dict[str, int]:
+    """Validate the scan's statistics; return rows per split."""
+    total = sum(scan.rows.values())
+    if total == 0:
+        raise DataError("DataFrame must have at least one row, got 0 rows. Check its filters.")
+    for col in layout.columns:
+        s = scan.stats[col]
+        if s["nulls"]:
+            raise DataError(
+                f"column {col!r} must have no nulls, got {s['nulls']} null value(s). Drop or "
+                f"fill them first (df.na.drop(subset=[{col!r}]) or df.na.fill)."
+            )
+        if s["nonfinite"]:
+            raise DataError(
+                f"column {col!r} must hold only finite values, got {s['nonfinite']} NaN/inf "
+                "value(s) (after the cast to float32). Filter or impute them first."
+            )
+    for col, kind in layout.features:
+        lengths = scan.stats[col]["lengths"]
+        if kind != "scalar" and (len(lengths) > 1 or 0 in lengths):
+            raise DataError(
+                f"{kind} column {col!r} must have one non-zero length in every row, got lengths "
+                f"{min(lengths)}..{max(lengths)}. Pad or truncate it to a fixed length first."
+            )
+    validation = sum(scan.validation_rows.values())
+    counts = {"train": total - validation}
+    if params.validation_fraction > 0:
+        counts["validation"] = validation
+    if counts["train"] < params.num_shards:
+        raise DataError(
+            f"the DataFrame must have at least num_shards ({params.num_shards}) training rows, "
+            f"got {counts['train']}. Use fewer shards/workers or more data."
+        )
+    return counts
+
+
+def _plan_hash(params: _Params, layout: _Layout, converted: DataFrame, scan: _Scan) -> str:
+    """Hash of the materialize parameters, the converted schema and the data's content digest.
+
+    The content digest (from the scan) is used rather than the plan's text alone because a
+    plan's text does not show in-memory data or files rewritten in place: never stale data.
+    """
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "feature_cols": list(params.feature_cols),
+        "label_col": params.label_col,
+        "num_shards": params.num_shards,
+        "seed": params.seed,
+        "validation_fraction": params.validation_fraction,
+        "replicas": params.replicas,
+        "row_group_rows": params.row_group_rows,
+        "layout": [list(f) for f in layout.features] + [layout.label_type],
+        "schema": converted.schema.json(),
+        "content": scan.digest,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _reuse(uri: str, plan_hash: str) -> ShardedDataset:
+    try:
+        dataset = ShardedDataset.load(uri)
+    except DataError as e:
+        raise ConfigError(
+            f"path must hold a complete sparkdl dataset for mode='reuse', got {uri!r} ({e}). "
+            "Pass mode='overwrite' to rebuild it."
+        ) from e
+    if dataset.manifest.plan_hash != plan_hash:
+        raise ConfigError(
+            f"dataset at {uri!r} must match this DataFrame and these parameters for "
+            f"mode='reuse', got plan hash {dataset.manifest.plan_hash[:12]} vs {plan_hash[:12]}. "
+            "Pass mode='overwrite' to rebuild it, or choose another path."
+        )
+    log.info("sparkdl: reusing dataset at %s (plan hash %s)", uri, plan_hash[:12])
+    return dataset
+
+
+# --- job 2: route and write (executors) ------------------------------------------------------
+
+
+def _route_partition(num_shards: int, seed: int, fraction: float, offsets: dict[int, list[int]]):
+    """Emit (key = split*num_shards + shard, first split row index, Arrow IPC piece) rows."""
+
+    def route(batches):
+        from pyspark import TaskContext
+
+        partition = TaskContext.get().partitionId()
+        next_index = list(offsets.get(partition, (0, 0)))
+        local = 0
+        for batch in batches:
+            n = batch.num_rows
+            if n == 0:
+                continue
+            split = validation_mask(seed, partition, local, n, fraction).astype(np.int64)
+            local += n
+            index = np.empty(n, dtype=np.int64)
+            for code in (0, 1):
+                chosen = split == code
+                count = int(chosen.sum())
+                index[chosen] = next_index[code] + np.arange(count)
+                next_index[code] += count
+            yield _pieces(batch, split * num_shards + index % num_shards, index)
+
+    return route
+
+
+def _pieces(batch: pa.RecordBatch, keys: np.ndarray, index: np.ndarray) -> pa.RecordBatch:
+    order = np.argsort(keys, kind="stable")
+    cuts = np.flatnonzero(np.diff(keys[order])) + 1
+    out_keys, out_starts, payloads = [], [], []
+    for rows in np.split(order, cuts):
+        sink = pa.BufferOutputStream()
+        piece = batch.take(pa.array(rows))
+        with pa.ipc.new_stream(sink, piece.schema) as writer:
+            writer.write_batch(piece)
+        out_keys.append(int(keys[rows[0]]))
+        out_starts.append(int(index[rows[0]]))
+        payloads.append(sink.getvalue().to_pybytes())
+    return pa.RecordBatch.from_arrays(
+        [pa.array(out_keys, pa.int32()), pa.array(out_starts, pa.int64()), pa.array(payloads)],
+        names=["key", "start", "payload"],
+    )
+
+
+def _shard_of_key(key: tuple[int, int]) -> int:
+    return key[0]
+
+
+def _write_partition(
+    uri: str, num_shards: int, row_group_rows: list[int], replicas: int, label_col: str
+):
+    """Write one shard's pieces (sorted by first row) as one Parquet file plus its replicas."""
+    from sparkdl.data.manifest import SPLITS
+
+    def write(index: int, items):
+        split, shard = SPLITS[index // num_shards], index % num_shards
+        relpath = f"{split}/shard-{shard:05d}.parquet"
+        fs, root = storage.resolve(uri)
+        full = storage.join(root, relpath)
+        written = _write_parquet(fs, full, items, row_group_rows[index // num_shards], label_col)
+        if written is None:
+            return []
+        schema, groups = written
+        sha, size = storage.sha256_of(fs, full)
+        copies = [f"_replicas/{k}/{relpath}" for k in range(1, replicas)]
+        for copy in copies:
+            storage.copy_file(fs, full, storage.join(root, copy))
+        schema_json = [{"name": f.name, "type": str(f.type)} for f in schema]
+        record = {"split": split, "shard": shard, "path": relpath, "rows": sum(groups)}
+        record.update(bytes=size, sha256=sha, row_groups=groups, replicas=copies)
+        return [json.dumps({**record, "schema": schema_json})]
+
+    return write
+
+
+def _write_parquet(
+    fs: Any, full: str, items: Any, rg: int, label_col: str
+) -> tuple[Any, list[int]] | None:
+    """Stream sorted IPC pieces into one Parquet file of ``rg``-row groups; None if no rows.
+
+    Dictionary encoding only for the label: float features rarely repeat, and a dictionary
+    (tried first, then abandoned) leaves pages that decode slower than plain ones.
+    """
+    import pyarrow.parquet as pq
+
+    writer, sink, schema = None, None, None
+    pending: list[pa.RecordBatch] = []
+    groups: list[int] = []
+    try:
+        for _, payload in items:
+            pending.extend(pa.ipc.open_stream(pa.py_buffer(payload)))
+            if writer is None and pending:
+                schema = pending[0].schema
+                sink = storage.open_output(fs, full)
+                writer = pq.ParquetWriter(sink, schema, use_dictionary=[label_col])
+            pending = _flush_groups(writer, pending, rg, groups, final=False)
+        if writer is not None:
+            _flush_groups(writer, pending, rg, groups, final=True)
+    finally:
+        if writer is not None:
+            writer.close()
+        if sink is not None:
+            sink.close()
+    return None if writer is None else (schema, groups)
+
+
+def _flush_groups(writer, pending: list, rg: int, groups: list[int], final: bool) -> list:
+    """Write every full row group of ``pending`` (all of it when ``final``); return the rest."""
+    rows = sum(b.num_rows for b in pending)
+    full = rows if final else rows // rg * rg
+    if full == 0:
+        return pending
+    table = pa.Table.from_batches(pending)
+    writer.write_table(table.slice(0, full), row_group_size=rg)
+    groups.extend([rg] * (full // rg) + ([full % rg] if full % rg else []))
+    return table.slice(full).to_batches()
+
+
+def _write_shards(
+    converted: DataFrame, uri: str, params: _Params, scan: _Scan, counts: dict[str, int]
+) -> list[dict[str, Any]]:
+    offsets: dict[int, list[int]] = {}
+    running = [0, 0]
+    for p in scan.partitions:
+        offsets[p] = list(running)
+        validation = scan.validation_rows[p]
+        running = [running[0] + scan.rows[p] - validation, running[1] + validation]
+    splits = ["train", "validation"][: len(counts)]
+    rg_rows = [
+        params.row_group_rows or default_row_group_rows(math.ceil(counts[s] / params.num_shards))
+        for s in splits
+    ]
+    route = _route_partition(params.num_shards, params.seed, params.validation_fraction, offsets)
+    sc = converted.sparkSession.sparkContext
+    sc.setJobDescription("sparkdl materialize: route and write shards")
+    pieces = converted.mapInArrow(route, "key int, start long, payload binary").rdd
+    keyed = pieces.map(lambda r: ((r[0], r[1]), r[2]))
+    by_shard = keyed.repartitionAndSortWithinPartitions(
+        numPartitions=params.num_shards * len(splits), partitionFunc=_shard_of_key
+    )
+    write = _write_partition(uri, params.num_shards, rg_rows, params.replicas, params.label_col)
+    records = [json.loads(r) for r in by_shard.mapPartitionsWithIndex(write).collect()]
+    sc.setJobDescription(None)  # type: ignore[arg-type]
+    return records
+
+
+def _build_manifest(
+    params: _Params,
+    layout: _Layout,
+    counts: dict[str, int],
+    records: list[dict[str, Any]],
+    plan_hash: str,
+    scan: _Scan,
+) -> Manifest:
+    by_key = {(r["split"], r["shard"]): r for r in records}
+    shards, shapes = [], []
+    for split, rows in counts.items():
+        for index in range(params.num_shards):
+            expected = rows // params.num_shards + (1 if index < rows % params.num_shards else 0)
+            r = by_key.get((split, index))
+            got = r["rows"] if r else 0
+            if got != expected:
+                raise DataError(
+                    f"shard {index} of split {split!r} must have {expected} rows, got {got}. "
+                    "The DataFrame changed between Spark jobs (non-deterministic source?); "
+                    "checkpoint or cache it, then materialize again."
+                )
+            files = () if r is None else (FileEntry.from_json(r),)
+            shards.append(ShardEntry(index=index, split=split, files=files))
+    schema = next(r["schema"] for r in records)
+    for name, kind in layout.features:
+        shapes.append(() if kind == "scalar" else (max(scan.stats[name]["lengths"]),))
+    return Manifest(
+        feature_cols=params.feature_cols,
+        feature_shapes=tuple(shapes),
+        label_col=params.label_col,
+        label_type=layout.label_type,
+        num_shards=params.num_shards,
+        splits=dict(counts),
+        shards=tuple(shards),
+        schema=tuple(schema),
+        seed=params.seed,
+        validation_fraction=params.validation_fraction,
+        replicas=params.replicas,
+        plan_hash=plan_hash,
+    )
