@@ -35,7 +35,8 @@ def local_spark_session(
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
-    if active is not None and active.sparkContext.master == master:
+    alive = active is not None and active.sparkContext._jsc is not None
+    if alive and active.sparkContext.master == master:
         return active
     if active is not None:
         active.stop()

@@ -11,36 +11,34 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ["PYSPARK_PYTHON"] = sys.executable
 
 
-@pytest.fixture(scope="session")
-def spark_local_session():
-    """A ``local[2]`` SparkSession bound to loopback, shared by the whole test session."""
+@pytest.fixture(scope="module")
+def spark_local():
+    """A ``local[2]`` SparkSession bound to loopback (reused across modules while it lives)."""
     from sparkdl.testing import local_spark_session
 
-    spark = local_spark_session("local[2]", app_name="sparkdl-tests")
-    yield spark
+    return local_spark_session("local[2]", app_name="sparkdl-tests")
 
 
 @pytest.fixture(scope="module")
-def spark_local(spark_local_session):
-    """The shared ``local[2]`` session, recreated if a cluster test stopped it."""
-    from sparkdl.testing import local_spark_session
-
-    if spark_local_session.sparkContext._jsc is None:
-        return local_spark_session("local[2]", app_name="sparkdl-tests")
-    return spark_local_session
-
-
-@pytest.fixture(scope="session")
 def spark_local_cluster():
     """A ``local-cluster[2,1,1024]`` SparkSession: two separate executor JVMs on loopback.
 
-    Stops any other session first (one SparkContext per process) and stops itself at the end.
+    One SparkContext per process: asking for it stops a local[2] session (and vice versa);
+    collection puts the *_cluster.py modules last so that happens once.
     """
     from sparkdl.testing import local_spark_session
 
-    spark = local_spark_session("local-cluster[2,1,1024]", app_name="sparkdl-tests-cluster")
-    yield spark
-    spark.stop()
+    return local_spark_session("local-cluster[2,1,1024]", app_name="sparkdl-tests-cluster")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_spark_at_exit():
+    yield
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -53,6 +51,7 @@ def pytest_collection_modifyitems(config, items):
 
     for module in {item.module for item in items if getattr(item, "module", None)}:
         cloudpickle.register_pickle_by_value(module)
+    items.sort(key=lambda item: item.path.name.endswith("_cluster.py"))  # stable: cluster last
     try:
         import torch
 

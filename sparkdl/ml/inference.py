@@ -55,6 +55,8 @@ def features_from_arrow(
                 column.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, 1)
             )
     features = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    if not features.flags.writeable:  # Arrow buffers are read-only; torch wants writable memory
+        features = features.copy()
     if expected_dim is not None and n and features.shape[1] != expected_dim:
         raise DataError(
             f"feature width must be {expected_dim} (what the model was trained on), got "
