@@ -5,10 +5,15 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
+# The compat environment: Spark 3.5 LTS with the petastorm-era stack petastorm still runs on
+# (petastorm imports pyarrow.filesystem, gone in pyarrow 16, and its reads fail on pyarrow 15).
+COMPAT      ?= .venv-compat
+COMPAT_SPEC ?= "pyspark==3.5.9" "pyarrow==14.0.2" "numpy<2" "pandas==2.2.*" "petastorm==0.12.1"
+CPY         := $(COMPAT)/bin/python
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYARROW_IGNORE_TIMEZONE = 1
 
-.PHONY: venv demo test lint typecheck test-unit test-fast bench clean
+.PHONY: venv venv-compat demo test test-compat lint typecheck test-unit test-fast bench clean
 
 # The venv is rebuilt when setup.cfg or this Makefile changes; otherwise reused.
 $(VENV)/.installed: setup.cfg Makefile
@@ -19,6 +24,18 @@ $(VENV)/.installed: setup.cfg Makefile
 	touch $@
 
 venv: $(VENV)/.installed
+
+# petastorm 0.12.1, not 0.13.1: 0.13.1 pins setuptools<70, which torch's requirements refuse.
+# sparkdl goes in with --no-deps so that its own (newer) lower bounds cannot pull the stack up.
+$(COMPAT)/.installed: setup.cfg Makefile
+	$(PYTHON) -m venv $(COMPAT)
+	$(CPY) -m pip install -q --upgrade pip
+	$(CPY) -m pip install -q "$(TORCH_SPEC)"
+	$(CPY) -m pip install -q $(COMPAT_SPEC) "$(TORCH_SPEC)" tqdm pytest pytest-timeout
+	$(CPY) -m pip install -q --no-deps -e .
+	touch $@
+
+venv-compat: $(COMPAT)/.installed
 
 demo: venv
 	PYSPARK_PYTHON=$(abspath $(PY)) $(PY) jobs/train.py --config jobs/configs/digits.toml --set run.run_dir=runs/demo --set run.mode=overwrite

@@ -18,6 +18,7 @@ __all__ = [
     "LOSSES",
     "OPTIMIZERS",
     "STRATEGIES",
+    "READERS",
     "ModelSpec",
     "OptimConfig",
     "SyncConfig",
@@ -29,6 +30,7 @@ __all__ = [
 LOSSES = ("cross_entropy", "mse", "l1", "smooth_l1", "bce_with_logits", "nll")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
 STRATEGIES = ("allreduce",)
+READERS = ("pyarrow", "petastorm")
 COMPRESSIONS = ("fp16", "bf16", "powersgd")
 
 
@@ -141,6 +143,8 @@ class OptimConfig:
     """Shuffle rows each epoch (seeded by seed and epoch)."""
     log_every_steps: int = 50
     """Record the cross-rank mean training loss every this many steps (0: per epoch only)."""
+    reader: str = "pyarrow"
+    """How workers read the shards: "pyarrow", or "petastorm" (compat environment only)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, str) and self.loss not in LOSSES:
@@ -173,6 +177,12 @@ class OptimConfig:
         )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise _fail("seed", "an integer", self.seed, "Use e.g. seed=0")
+        if self.reader not in READERS:
+            raise _fail("reader", f"one of {READERS}", self.reader, 'Use reader="pyarrow"')
+        if self.reader == "petastorm":
+            from sparkdl.data.petastorm import require_petastorm
+
+            require_petastorm()  # fail on the driver, not on every worker
 
 
 @dataclass(frozen=True, kw_only=True)

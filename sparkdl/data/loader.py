@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from sparkdl.config import READERS
 from sparkdl.data import storage
 from sparkdl.data.manifest import FileEntry, Manifest
 from sparkdl.errors import ConfigError, DataError
@@ -149,8 +150,52 @@ class ShardedDataset:
         self._manifest.shards_of(split)  # DataError for an unknown split
         return steps_for(self._manifest.splits[split], world_size, batch_size, drop_last)
 
-    def loader(self, rank: int, world_size: int, **kwargs: Any) -> ShardLoader:
-        """Rank ``rank``'s loader; keyword arguments are those of :class:`ShardLoader`."""
+    @classmethod
+    def from_parquet(
+        cls,
+        path: str,
+        *,
+        feature_cols: list[str],
+        label_col: str,
+        num_shards: int | None = None,
+    ) -> ShardedDataset:
+        """Open existing Parquet files (Spark's, petastorm's ``make_spark_converter`` cache) as
+        a dataset: describes them (:func:`~sparkdl.data.manifest.describe_parquet`) and writes
+        the manifest into ``path``, so workers can ``load`` it. A materialized sparkdl dataset
+        there is refused: use :meth:`load`."""
+        from sparkdl.data.manifest import PARQUET_PLAN_PREFIX, describe_parquet
+
+        try:
+            existing = Manifest.load(path)
+        except DataError:
+            existing = None
+        if existing is not None and not existing.plan_hash.startswith(PARQUET_PLAN_PREFIX):
+            raise ConfigError(
+                f"path must hold plain Parquet files for from_parquet, got the sparkdl dataset "
+                f"{path!r}. Open it with ShardedDataset.load(path)."
+            )
+        manifest = describe_parquet(
+            path, feature_cols=list(feature_cols), label_col=label_col, num_shards=num_shards
+        )
+        manifest.save(path)
+        return cls(path, manifest)
+
+    def loader(
+        self, rank: int, world_size: int, *, reader: str = "pyarrow", **kwargs: Any
+    ) -> ShardLoader:
+        """Rank ``rank``'s loader; keyword arguments are those of :class:`ShardLoader`.
+
+        ``reader="petastorm"`` reads through ``petastorm.make_batch_reader`` instead of pyarrow
+        (:mod:`sparkdl.data.petastorm`, imported only then; needs the compat environment).
+        """
+        if reader == "petastorm":
+            from sparkdl.data.petastorm import PetastormLoader
+
+            return PetastormLoader(self, rank, world_size, **kwargs)
+        if reader != "pyarrow":
+            raise ConfigError(
+                f"reader must be one of {READERS}, got {reader!r}. Use reader='pyarrow'."
+            )
         return ShardLoader(self, rank, world_size, **kwargs)
 
     def open_file(self, entry: FileEntry, *, verify: bool = True) -> pq.ParquetFile:

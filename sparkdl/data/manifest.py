@@ -9,13 +9,14 @@ dataset root, rows, row-group sizes, bytes, sha256, replica paths). Pure Python 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sparkdl.data import storage
-from sparkdl.errors import DataError
+from sparkdl.errors import ConfigError, DataError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -26,6 +27,7 @@ __all__ = [
     "ShardEntry",
     "Manifest",
     "describe_file",
+    "describe_parquet",
     "package_version",
     "write_dataset",
 ]
@@ -373,6 +375,108 @@ def write_dataset(
     )
     manifest.save(path)
     return manifest
+
+
+PARQUET_PLAN_PREFIX = "parquet:"
+
+
+def describe_parquet(
+    path: str, *, feature_cols: list[str], label_col: str, num_shards: int | None = None
+) -> Manifest:
+    """A manifest for existing Parquet files under ``path`` (e.g. written by Spark or petastorm).
+
+    Every non-hidden file below ``path`` (names starting with ``_`` or ``.`` are skipped, as
+    Spark does) is described in sorted path order as one "train" split; empty files are left
+    out. Files are grouped in order into ``num_shards`` shards by their first row (default:
+    one shard per non-empty file). Feature columns must be numeric or fixed-length numeric
+    arrays, the label integer or floating point; shapes come from the first row group.
+    """
+    import pyarrow.fs as pafs
+
+    if num_shards is not None and (
+        isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1
+    ):
+        raise ConfigError(
+            f"num_shards must be an integer >= 1 or None, got {num_shards!r}. Pass e.g. 2."
+        )
+    fs, root = storage.resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    rels = sorted(
+        rel
+        for rel in (i.path[len(root.rstrip("/")) + 1 :] for i in infos if i.is_file)
+        if not any(part.startswith(("_", ".")) for part in rel.split("/"))
+    )
+    files = [f for f in (_describe_parquet_file(fs, root, rel) for rel in rels) if f.rows]
+    if not files:
+        raise DataError(
+            f"path must hold Parquet files with rows, got none under {path!r}. "
+            "Point at the directory the DataFrame (or petastorm converter) wrote."
+        )
+    sample = _first_row_group(fs, root, files[0].path)
+    for column in [*feature_cols, label_col]:
+        if column not in sample.column_names:
+            raise DataError(
+                f"column {column!r} must be in the Parquet files, got columns "
+                f"{sample.column_names}. Pass existing feature_cols/label_col."
+            )
+    shapes = tuple(_feature_shape(sample, c) for c in feature_cols)
+    label_type = sample.schema.field(label_col).type
+    if not (_is_integer(label_type) or _is_floating(label_type)):
+        raise DataError(f"label column {label_col!r} must be numeric, got {label_type}.")
+    n = num_shards or len(files)
+    total, offset = sum(f.rows for f in files), 0
+    groups: list[list[FileEntry]] = [[] for _ in range(n)]
+    for f in files:
+        groups[min(n - 1, offset * n // total)].append(f)
+        offset += f.rows
+    digest = hashlib.sha256("".join(f.sha256 for f in files).encode()).hexdigest()
+    return Manifest(
+        feature_cols=tuple(feature_cols),
+        feature_shapes=shapes,
+        label_col=label_col,
+        label_type="int64" if _is_integer(label_type) else "float32",
+        num_shards=n,
+        splits={"train": total},
+        shards=tuple(
+            ShardEntry(index=i, split="train", files=tuple(g)) for i, g in enumerate(groups)
+        ),
+        schema=tuple({"name": f.name, "type": str(f.type)} for f in sample.schema),
+        plan_hash=PARQUET_PLAN_PREFIX + digest,
+    )
+
+
+def _describe_parquet_file(fs: Any, root: str, rel: str) -> FileEntry:
+    try:
+        return describe_file(root, rel, fs=fs)
+    except Exception as e:  # pyarrow raises ArrowInvalid & co. for a file that is not Parquet
+        raise DataError(
+            f"file {rel!r} under {root!r} must be a Parquet file, got {type(e).__name__}: {e}. "
+            "Remove it or point at a directory of Parquet files only."
+        ) from e
+
+
+def _first_row_group(fs: Any, root: str, rel: str) -> Any:
+    import pyarrow.parquet as pq
+
+    with storage.open_input(fs, storage.join(root, rel)) as f:
+        return pq.ParquetFile(f).read_row_group(0)
+
+
+def _feature_shape(table: Any, column: str) -> tuple[int, ...]:
+    arrow_type = table.schema.field(column).type
+    value_type = arrow_type.value_type if hasattr(arrow_type, "value_type") else arrow_type
+    if not (_is_integer(value_type) or _is_floating(value_type)):
+        raise DataError(
+            f"feature column {column!r} must be numeric or an array of numbers, got {arrow_type}. "
+            "Convert it (e.g. vector_to_array) before writing."
+        )
+    return _shape_of(table, column)
+
+
+def _is_floating(arrow_type: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_floating(arrow_type)
 
 
 def _is_integer(arrow_type: Any) -> bool:

@@ -77,6 +77,7 @@ class TorchEstimator:
         log_every_steps: int = 50,
         overwrite: bool = False,
         collective_timeout_s: float = 120.0,
+        reader: str = "pyarrow",
     ) -> None:
         if isinstance(feature_cols, str) or not feature_cols:
             raise ConfigError(
@@ -105,6 +106,7 @@ class TorchEstimator:
             seed=seed,
             shuffle=shuffle,
             log_every_steps=log_every_steps,
+            reader=reader,
         )
         self.sync = SyncConfig(strategy=strategy, options=strategy_options or {})
         self.checkpoint = CheckpointConfig()

@@ -81,6 +81,7 @@ class _Trainer:
             shuffle=spec.optim.shuffle,
             seed=spec.optim.seed,
             epoch=0,
+            reader=spec.optim.reader,
         )
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
@@ -172,6 +173,7 @@ class _Trainer:
             shuffle=False,
             split="validation",
             drop_last=False,
+            reader=self.spec.optim.reader,
         )
         loss_sum, count, correct = 0.0, 0.0, 0.0
         with torch.no_grad():

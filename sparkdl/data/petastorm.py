@@ -1,0 +1,254 @@
+"""[worker] ``reader="petastorm"``: a rank's shard files read through ``petastorm.make_batch_reader``.
+
+An optional backend behind ``ShardedDataset.loader(..., reader="petastorm")`` (and
+``TorchEstimator(reader="petastorm")``); this module is imported only when it is asked for, and
+petastorm only when a loader is built. petastorm (0.12.x/0.13.x) imports ``pyarrow.filesystem``
+(removed in pyarrow 16), its reads fail on pyarrow 15, and it uses numpy < 2 APIs: it runs in
+the compat environment (``make test-compat`` builds ``.venv-compat``: pyspark 3.5, pyarrow
+14.0.2, numpy < 2, pandas 2.2, petastorm 0.12.1). Elsewhere building a loader raises
+ConfigError naming that environment.
+
+The loader keeps :class:`~sparkdl.data.loader.ShardLoader`'s contract (``len``, ``set_epoch``,
+``state_dict``/``load_state_dict``, ``transform``, ``device``, equal batch counts per rank)
+with these differences, all consequences of petastorm reading whole row groups of whole files:
+
+* **Rank assignment**: rank ``r`` reads the whole files whose first row falls in its slice
+  ``rank_slice(N, W, r)``: exactly shard ``r`` when ``num_shards == world_size`` (what
+  ``materialize`` and ``TorchEstimator`` write), whole shards otherwise. A split needs at least
+  ``world_size`` non-empty files.
+* **Equal steps**: ``drop_last=True`` → ``floor(min rank rows / batch_size)`` batches on every
+  rank (the pyarrow reader's count when files match shards); ``drop_last=False`` →
+  ``ceil(max rank rows / batch_size)``, shorter ranks repeat their first row to fill.
+* **Seeded epochs**: petastorm permutes the row-group order (its ``seed``), and rows are mixed
+  in a bounded buffer with a numpy generator; both are seeded by ``(seed, epoch, rank)``. The
+  order is reproducible with ``workers_count=1`` (the default); more petastorm workers read
+  faster but hand row groups over in completion order. The permutation differs from the
+  pyarrow reader's for the same seed.
+* **Resume** re-reads the skipped batches of the interrupted epoch (petastorm cannot seek).
+
+Checksums are verified and replicas used exactly as by the pyarrow reader, before petastorm
+opens the files.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import re
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from sparkdl.data import storage
+from sparkdl.data.loader import Batch, ShardedDataset, ShardLoader, rank_slice
+from sparkdl.data.manifest import FileEntry
+from sparkdl.errors import ConfigError, DataError
+
+__all__ = ["COMPAT_HINT", "PetastormLoader", "file_urls", "require_petastorm"]
+
+COMPAT_HINT = (
+    "petastorm runs with pyarrow < 15, numpy < 2 and pyspark 3.5/4.0: use the compat "
+    "environment (`make test-compat` builds .venv-compat with pyspark 3.5, pyarrow 14.0.2, "
+    "numpy<2, pandas 2.2 and petastorm 0.12.1), or reader='pyarrow'"
+)
+
+
+def require_petastorm() -> Any:
+    """``petastorm.make_batch_reader``; ConfigError naming the compat environment when unusable."""
+    import pyarrow
+
+    problems = []
+    if int(pyarrow.__version__.split(".")[0]) >= 15:
+        problems.append(f"pyarrow {pyarrow.__version__}")
+    if int(np.__version__.split(".")[0]) >= 2:
+        problems.append(f"numpy {np.__version__}")
+    try:
+        from petastorm import make_batch_reader
+    except Exception as exc:  # ImportError, or pyarrow.filesystem gone (AttributeError & co.)
+        problems.insert(0, f"import petastorm failed: {type(exc).__name__}: {exc}")
+        make_batch_reader = None
+    # petastorm calls pyarrow's deprecated legacy-dataset APIs on every read: not the user's to fix.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\.|$)")
+    if problems:
+        raise ConfigError(
+            "reader='petastorm' must run where petastorm works, got "
+            f"{'; '.join(problems)}. {COMPAT_HINT}."
+        )
+    return make_batch_reader
+
+
+def _url(root: str, relpath: str) -> str:
+    full = storage.join(root, relpath)
+    return full if "://" in full else "file://" + full
+
+
+def file_urls(dataset: ShardedDataset, split: str = "train") -> list[str]:
+    """URLs of ``split``'s non-empty files in row order: what ``make_batch_reader`` takes.
+
+    e.g. ``petastorm.make_batch_reader(file_urls(ds))`` reads a sparkdl dataset with petastorm.
+    """
+    return [_url(dataset.path, f.path) for f in dataset.manifest.files_of(split) if f.rows]
+
+
+def _rank_files(files: list[FileEntry], total: int, world_size: int) -> list[list[FileEntry]]:
+    """Whole files per rank: each goes to the rank whose row slice holds its first row."""
+    starts = [rank_slice(total, world_size, r)[0] for r in range(world_size)]
+    owned: list[list[FileEntry]] = [[] for _ in range(world_size)]
+    offset = 0
+    for f in files:
+        if f.rows:
+            owned[bisect.bisect_right(starts, offset) - 1].append(f)
+        offset += f.rows
+    return owned
+
+
+class PetastormLoader(ShardLoader):
+    """A :class:`ShardLoader` whose rows come from ``petastorm.make_batch_reader``.
+
+    Takes ShardLoader's keyword arguments plus ``workers_count`` (petastorm reader threads; 1
+    keeps epochs reproducible) and ``results_queue_size`` (row groups petastorm reads ahead).
+    See the module docstring for how it differs from the pyarrow reader.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardedDataset,
+        rank: int,
+        world_size: int,
+        *,
+        workers_count: int = 1,
+        results_queue_size: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        self._make_batch_reader = require_petastorm()
+        super().__init__(dataset, rank, world_size, **kwargs)
+        for name, value in (
+            ("workers_count", workers_count),
+            ("results_queue_size", results_queue_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}. Pass e.g. 1.")
+        self.workers_count, self.results_queue_size = workers_count, results_queue_size
+        total = self._manifest.splits[self.split]
+        owned = _rank_files(self._files, total, world_size)
+        if any(not files for files in owned):
+            raise ConfigError(
+                f"split {self.split!r} must have at least world_size ({world_size}) non-empty "
+                f"files for reader='petastorm', got {sum(1 for f in self._files if f.rows)}. "
+                "Materialize with num_shards a multiple of world_size, or use reader='pyarrow'."
+            )
+        rows = [sum(f.rows for f in files) for files in owned]
+        self._owned, self._rows = owned[rank], rows[rank]
+        b = self.batch_size
+        if self.drop_last:
+            self._steps = min(rows) // b
+            self._budget = self._steps * b
+        else:
+            self._budget = max(rows)
+            self._steps = -(-self._budget // b)
+        self._urls: list[str] | None = None
+
+    def _resolve_urls(self) -> list[str]:
+        """The rank's file URLs, each a verified candidate (primary, else a replica)."""
+        if self._urls is None:
+            urls = []
+            for entry in self._owned:
+                urls.append(self._usable(entry))
+            self._urls = urls
+        return self._urls
+
+    def _usable(self, entry: FileEntry) -> str:
+        failures: list[str] = []
+        for candidate in entry.candidates:
+            single = dataclasses.replace(entry, path=candidate, replicas=())
+            try:
+                self._dataset.open_file(single, verify=self.verify_checksums)
+            except DataError as e:
+                failures.append(str(e))
+                continue
+            return _url(self._dataset.path, candidate)
+        raise DataError(
+            f"file {entry.path!r} of dataset {self._dataset.path!r} must be readable, got a "
+            f"failure on every replica: {' | '.join(failures)}"
+        )
+
+    def _produce(self, epoch: int, skip: int) -> Iterator[Batch]:
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        reader_seed = int(rng.integers(1 << 31))
+        m = self._manifest
+        columns = [*dict.fromkeys([*m.feature_cols, m.label_col])]
+        reader = self._make_batch_reader(
+            self._resolve_urls(),
+            schema_fields=[f"^{re.escape(c)}$" for c in columns],
+            reader_pool_type="thread",
+            workers_count=self.workers_count,
+            results_queue_size=self.results_queue_size,
+            seed=reader_seed,
+            shuffle_row_groups=self.shuffle,
+            shuffle_rows=False,
+            num_epochs=1,
+        )
+        emitted = 0
+        try:
+            for features, label in self._buffers(reader, rng):
+                for i in range(0, len(label), self.batch_size):
+                    if emitted >= self._steps:
+                        return
+                    emitted += 1
+                    if emitted > skip:
+                        j = i + self.batch_size
+                        yield self._finish(features[i:j], label[i:j])
+        finally:
+            reader.stop()
+            reader.join()
+
+    def _buffers(
+        self, reader: Any, rng: np.random.Generator
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Decoded row groups gathered into (shuffled) buffers of whole batches, then the rest
+        padded up to the budget (drop_last=False) by repeating the rank's first row."""
+        b = self.batch_size
+        capacity = self.shuffle_buffer_rows if self.shuffle else b
+        feats: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        buffered, left = 0, self._budget
+        first: tuple[np.ndarray, np.ndarray] | None = None
+        for chunk in reader:
+            f, y = self._decode(chunk._asdict())
+            if not len(y):
+                continue
+            first = first or (f[:1], y[:1])
+            feats.append(f)
+            labels.append(y)
+            buffered += len(y)
+            if buffered >= capacity and buffered >= b:
+                F, Y = self._mix(feats, labels, rng)
+                full = min(buffered // b * b, left // b * b)
+                yield F[:full], Y[:full]
+                left -= full
+                if left <= 0:
+                    return
+                feats, labels, buffered = [F[full:]], [Y[full:]], buffered - full
+        if buffered < left and first is not None:
+            feats.append(np.repeat(first[0], left - buffered, axis=0))
+            labels.append(np.repeat(first[1], left - buffered, axis=0))
+        if feats:
+            F, Y = self._mix(feats, labels, rng)
+            yield F[:left], Y[:left]
+
+    def _decode(self, columns: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """petastorm's column arrays (``[n]`` scalars, ``[n, k]`` arrays) → features, label."""
+        m = self._manifest
+        label = np.asarray(columns[m.label_col])
+        n = len(label)
+        blocks = [np.asarray(columns[c], dtype=np.float32).reshape(n, -1) for c in m.feature_cols]
+        features = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
+        if features.shape[1] != m.feature_dim:
+            raise DataError(
+                f"features must be {m.feature_dim} values per row, got {features.shape[1]} from "
+                f"petastorm for {list(m.feature_cols)}. Re-materialize with mode='overwrite'."
+            )
+        dtype = np.int64 if m.label_type == "int64" else np.float32
+        return np.ascontiguousarray(features), label.astype(dtype, copy=False)
