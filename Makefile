@@ -43,6 +43,12 @@ demo: venv
 test: venv
 	PYSPARK_PYTHON=$(abspath $(PY)) PYTHONPATH=$(CURDIR) $(PY) -m pytest -q tests
 
+# The same suite on Spark 3.5 LTS + pyarrow 14 + petastorm: the petastorm tests skipped by
+# `make test` run here. COMPAT_TESTS narrows it (e.g. COMPAT_TESTS="-m unit tests").
+COMPAT_TESTS ?= tests
+test-compat: venv-compat
+	PYSPARK_PYTHON=$(abspath $(CPY)) PYTHONPATH=$(CURDIR) $(CPY) -m pytest -q $(COMPAT_TESTS)
+
 test-unit: venv
 	$(PY) -m pytest -q -m "unit" tests
 
