@@ -3,7 +3,9 @@
 ``loader``: builds N rows × 16 float features + int label with Spark, materializes them, then
 times (each in a fresh process, so peak RSS is that reader's alone) the sparkdl loader shuffled
 and unshuffled, pyarrow ``read_table`` of the same files and pyarrow ``iter_batches`` → torch,
-and writes the "Loader" section of BENCHMARKS.md. ``all`` runs every benchmark.
+and writes the "Loader" section of BENCHMARKS.md. ``loader --with-petastorm``, run in
+``.venv-compat``, adds petastorm's torch loaders on the same files and writes the "Loader vs
+petastorm (compat environment)" section instead. ``all`` runs every benchmark.
 Add a benchmark: write ``add_xxx(subparsers)`` that registers a subcommand with ``func=...``.
 """
 
@@ -119,6 +121,53 @@ READERS = {
 }
 
 
+def _petastorm(batched: bool, shuffle_rows: int = 0):
+    """petastorm's ``make_torch_dataloader`` on the same files (a converter over them, as
+    ``make_spark_converter`` returns), its defaults otherwise (4 reader threads, row groups in
+    shuffled order); ``batched``: ``data_loader_fn=BatchedDataLoader``. Columns → [B, F]."""
+
+    def run(path: str, batch_size: int) -> int:
+        import torch
+        from petastorm.pytorch import BatchedDataLoader
+        from petastorm.spark.spark_dataset_converter import SparkDatasetConverter
+
+        from sparkdl.data import ShardedDataset
+        from sparkdl.data.petastorm import file_urls
+
+        ds = ShardedDataset.load(path)
+        converter = SparkDatasetConverter(path, file_urls(ds), ds.num_rows)
+        rows = 0
+        with converter.make_torch_dataloader(
+            batch_size=batch_size,
+            num_epochs=1,
+            shuffling_queue_capacity=shuffle_rows,
+            data_loader_fn=BatchedDataLoader if batched else None,
+        ) as loader:
+            for batch in loader:
+                features = torch.stack([batch[f"f{i}"] for i in range(FEATURES)], dim=1)
+                rows += len(features) + 0 * len(batch["label"])
+        return rows
+
+    return run
+
+
+def _sparkdl_petastorm(path: str, batch_size: int) -> int:
+    from sparkdl.data import ShardedDataset
+
+    loader = ShardedDataset.load(path).loader(0, 1, batch_size=batch_size, reader="petastorm")
+    return sum(len(features) for features, _ in loader)
+
+
+PETASTORM_SHUFFLE_ROWS = 1 << 17  # the sparkdl loader's shuffle buffer for 17 float32 columns
+PETASTORM_READERS = {
+    "petastorm make_torch_dataloader (default)": _petastorm(False),
+    "petastorm BatchedDataLoader": _petastorm(True),
+    "petastorm make_torch_dataloader shuffled": _petastorm(False, PETASTORM_SHUFFLE_ROWS),
+    "petastorm BatchedDataLoader shuffled": _petastorm(True, PETASTORM_SHUFFLE_ROWS),
+    "sparkdl reader='petastorm' shuffled": _sparkdl_petastorm,
+}
+
+
 def measure(reader: str, path: str, batch_size: int, repeats: int) -> dict:
     """(in a child process) best-of-``repeats`` rows/s of one reader, and the process's peak RSS."""
     import pyarrow.parquet  # noqa: F401  (imports stay out of the timings)
@@ -126,12 +175,13 @@ def measure(reader: str, path: str, batch_size: int, repeats: int) -> dict:
 
     import sparkdl.data  # noqa: F401
 
-    READERS[reader](path, batch_size)  # warm-up: page cache, allocator, lazy imports
+    read = {**READERS, **PETASTORM_READERS}[reader]
+    read(path, batch_size)  # warm-up: page cache, allocator, lazy imports
     best = float("inf")
     rows = 0
     for _ in range(repeats):
         start = time.perf_counter()
-        rows = READERS[reader](path, batch_size)
+        rows = read(path, batch_size)
         best = min(best, time.perf_counter() - start)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
@@ -168,16 +218,25 @@ def machine() -> str:
     )
 
 
-def loader_markdown(results: dict[int, list[dict]], batch_size: int, load: str = "") -> str:
+def loader_markdown(
+    results: dict[int, list[dict]],
+    batch_size: int,
+    load: str = "",
+    petastorm: bool = False,
+    repeats: int = 3,
+    rounds: int = 3,
+) -> str:
     lines = [
-        "## Loader",
+        "## Loader vs petastorm (compat environment)" if petastorm else "## Loader",
         "",
         f"`python jobs/benchmark.py loader` — {FEATURES} float32 features + int64 label, "
         f"2 shards, batch {batch_size}, one reader reading every row (world size 1); each reader "
         "in a fresh process (peak RSS is that process's: torch alone is ~300 MiB), one warm-up "
-        "then best of 3 runs, readers interleaved over 3 rounds; files in the page cache. "
+        f"then best of {repeats} runs, readers interleaved over {rounds} rounds; files in the "
+        "page cache. "
         "sparkdl rows are `steps × batch` (drop_last). The sha256 line is a fresh dataset "
         "object each run, so every file is verified on first open.",
+        *(_PETASTORM_INTRO if petastorm else []),
         "",
         f"Machine: {machine()}.{load}",
         "",
@@ -191,7 +250,31 @@ def loader_markdown(results: dict[int, list[dict]], batch_size: int, load: str =
                 f"| {rows:,} | {e['reader']} | {e['rows_per_s'] / 1e6:.2f} M | "
                 f"{e['rows_per_s'] / base:.2f}× | {e['peak_rss_mib']:.0f} |"
             )
+    if petastorm:
+        lines += ["", *(_petastorm_ratio(rows, entries) for rows, entries in results.items())]
     return "\n".join(lines) + "\n"
+
+
+_PETASTORM_INTRO = [
+    "",
+    "`--with-petastorm`, run in `.venv-compat` (Spark 3.5, pyarrow 14.0.2, petastorm 0.12.1): "
+    "petastorm's `make_torch_dataloader` over the same files (its defaults: 4 reader threads, "
+    "row groups in shuffled order), with `data_loader_fn=BatchedDataLoader`, and both with "
+    f"`shuffling_queue_capacity={PETASTORM_SHUFFLE_ROWS}` (the sparkdl loader's shuffle buffer "
+    "here); petastorm's per-column batches are stacked into the same `[B, F]` tensor. "
+    "`sparkdl reader='petastorm'` is sparkdl's petastorm backend (1 reader thread, seeded).",
+]
+
+
+def _petastorm_ratio(rows: int, entries: list[dict]) -> str:
+    speed = {e["reader"]: e["rows_per_s"] for e in entries}
+    shuffled = [r for r in speed if r.startswith("petastorm") and r.endswith("shuffled")]
+    fastest = max(shuffled, key=speed.__getitem__)
+    ratio = speed["sparkdl shuffled"] / speed[fastest]
+    return (
+        f"- {rows:,} rows: sparkdl shuffled is **{ratio:.1f}×** petastorm's fastest shuffled "
+        f"configuration ({fastest})."
+    )
 
 
 def write_section(markdown: str, path: str) -> None:
@@ -216,16 +299,19 @@ def run_loader(args: argparse.Namespace) -> None:
     for rows in args.rows:
         path = build_dataset(rows, args.data_dir)
         best: dict[str, dict] = {}
+        readers = [*READERS, *(PETASTORM_READERS if args.with_petastorm else ())]
         for _ in range(args.rounds):
-            for reader in READERS:
+            for reader in readers:
                 entry = _in_child(reader, path, args.batch_size, args.repeats)
                 print(json.dumps({"rows": rows, **entry}), flush=True)
                 if reader not in best or entry["rows_per_s"] > best[reader]["rows_per_s"]:
                     best[reader] = entry
-        results[rows] = [best[r] for r in READERS]
+        results[rows] = [best[r] for r in readers]
         loads.append(os.getloadavg()[0])
     load = f" Load average during the run (other jobs share these cores): {min(loads):.1f}–{max(loads):.1f}."
-    markdown = loader_markdown(results, args.batch_size, load)
+    markdown = loader_markdown(
+        results, args.batch_size, load, args.with_petastorm, args.repeats, args.rounds
+    )
     print(markdown)
     if args.out:
         write_section(markdown, args.out)
@@ -239,6 +325,11 @@ def add_loader(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the readers")
     p.add_argument("--data-dir", default=os.path.join(REPO, "runs", "benchmark-data"))
     p.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"))
+    p.add_argument(
+        "--with-petastorm",
+        action="store_true",
+        help="also petastorm's torch loaders (run in .venv-compat: make venv-compat)",
+    )
     p.set_defaults(func=run_loader)
     m = sub.add_parser("loader-measure", help=argparse.SUPPRESS)
     m.add_argument("reader")
