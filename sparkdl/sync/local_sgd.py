@@ -38,7 +38,7 @@ class LocalSGDStrategy(SyncStrategy):
         if not self.env.distributed:
             return module
         # No buffer broadcast each forward: that would be communication the recipe avoids.
-        wrapped = ddp(module, self.env.device, broadcast_buffers=False)
+        wrapped = ddp(module, self.env.device, forward_sync_buffers=False)
         _, allreduce = counting_hook(self, None)
         strategy = self
 

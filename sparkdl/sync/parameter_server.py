@@ -143,7 +143,10 @@ class ParameterServerStrategy(SyncStrategy):
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
         self._step_times: list[float] = []
-        self.pushes = self.applied = self.dropped = 0
+        self.pushes = 0
+        """Steps this rank pushed."""
+        self.applied = self.dropped = 0
+        """Gradient shards the servers applied / dropped as too stale."""
         self.max_staleness_seen = 0
 
     # ---- setup -------------------------------------------------------------------------------
@@ -189,6 +192,7 @@ class ParameterServerStrategy(SyncStrategy):
     def push_pull(self) -> None:
         """Push this rank's gradient shards, pull the servers' current parameters."""
         self._step_times.append(time.perf_counter())
+        self.pushes += 1
         self._exchange(push=True)
 
     def _exchange(self, *, push: bool) -> None:
@@ -233,7 +237,6 @@ class ParameterServerStrategy(SyncStrategy):
             _unflat_into(flat.to(self.env.device), self._shards[server])
         self._versions[server] = version
         if push:
-            self.pushes += 1
             if staleness < 0:
                 self.dropped += 1
             else:

@@ -1,7 +1,7 @@
 """[worker] run_worker(spec, env): the training loop, top to bottom.
 
 Setup → for each epoch: for each step: batch, forward, backward, sync + step, maybe report →
-epoch metrics → synchronize (and validation) → teardown: the chief writes the model. Pure torch:
+synchronize → epoch metrics (and validation) → teardown: the chief writes the model. Pure torch:
 runs in a Spark barrier task, a local process, or a unit test alike. How ranks synchronize is
 the strategy's business (sparkdl.sync), reached through the same ``Prepared`` object that
 ``sparkdl.sync.prepare`` gives users of their own loop.
@@ -140,6 +140,8 @@ class _Trainer:
                 window.zero_()
                 window_steps = 0
         epoch_loss += float(window)
+        # Replicas that drifted apart (local SGD) or lag the servers meet the model of record.
+        self.strategy.synchronize()
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         self.samples += epoch_samples
@@ -246,7 +248,6 @@ def run_worker(spec: TrainSpec, env: WorkerEnv) -> WorkerResult:
     trainer = _Trainer(spec, env)
     for epoch in range(spec.optim.epochs):
         trainer.train_epoch(epoch)
-        trainer.strategy.synchronize()
         trainer.evaluate(epoch)
         trainer.metrics.flush(f"e{epoch:05d}")
     return trainer.finish()
