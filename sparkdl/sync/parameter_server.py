@@ -99,10 +99,13 @@ class ShardServer:
             return self.version, staleness, _flat(self.params)
 
     def state(self) -> dict[str, Any]:
+        """A snapshot (copies: other workers keep pushing while it is written)."""
+        import copy
+
         with self.lock:
             return {
                 "params": [p.detach().clone() for p in self.params],
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                 "version": self.version,
             }
 
