@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sparkdl.errors import ConfigError
@@ -22,6 +22,11 @@ __all__ = [
     "ModelSpec",
     "OptimConfig",
     "SyncConfig",
+    "AllReduceOptions",
+    "LocalSGDOptions",
+    "ParameterServerOptions",
+    "FSDPOptions",
+    "STRATEGY_OPTIONS",
     "CheckpointConfig",
     "TrainSpec",
     "resolve_import_path",
@@ -29,7 +34,7 @@ __all__ = [
 
 LOSSES = ("cross_entropy", "mse", "l1", "smooth_l1", "bce_with_logits", "nll")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
-STRATEGIES = ("allreduce",)
+STRATEGIES = ("allreduce", "local_sgd", "parameter_server", "fsdp")
 READERS = ("pyarrow", "petastorm")
 COMPRESSIONS = ("fp16", "bf16", "powersgd")
 
@@ -186,13 +191,102 @@ class OptimConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AllReduceOptions:
+    """``strategy="allreduce"``: DistributedDataParallel, optionally with compressed gradients."""
+
+    compression: str | None = None
+    """None (fp32 all-reduce), "fp16" or "bf16" (gradients cast before the all-reduce: half the
+    bytes), or "powersgd" (low-rank gradient approximation with error feedback)."""
+    powersgd_rank: int = 1
+    """PowerSGD matrix approximation rank (≥ 1): bytes grow with it, and so does accuracy."""
+    powersgd_warmup_steps: int = 10
+    """Steps of plain fp32 all-reduce before PowerSGD starts (≥ 2: error feedback needs them)."""
+
+    def __post_init__(self) -> None:
+        if self.compression is not None and self.compression not in COMPRESSIONS:
+            raise _fail(
+                "compression",
+                f"None or one of {COMPRESSIONS}",
+                self.compression,
+                'Use e.g. compression="fp16"',
+            )
+        _positive_int("powersgd_rank", self.powersgd_rank, "Use e.g. powersgd_rank=1")
+        steps = self.powersgd_warmup_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise _fail(
+                "powersgd_warmup_steps",
+                "an integer ≥ 2 (error feedback needs plain all-reduce steps first)",
+                steps,
+                "Use e.g. powersgd_warmup_steps=10",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalSGDOptions:
+    """``strategy="local_sgd"``: local steps, parameters averaged every ``sync_every`` steps."""
+
+    sync_every: int = 8
+    """Average parameters across workers after every this many local steps (≥ 1)."""
+    warmup_steps: int = 0
+    """Steps of plain gradient all-reduce before local steps start (≥ 0)."""
+
+    def __post_init__(self) -> None:
+        _positive_int("sync_every", self.sync_every, "Use e.g. sync_every=8")
+        _positive_int("warmup_steps", self.warmup_steps, "Use e.g. 0", allow_zero=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParameterServerOptions:
+    """``strategy="parameter_server"``: asynchronous SGD against parameter-server ranks."""
+
+    max_staleness: int = 8
+    """Largest number of server updates between the parameters a gradient was computed on and
+    the moment it arrives; staler gradients are dropped (and counted), never applied (≥ 0)."""
+    num_servers: int = 1
+    """Ranks 0 … num_servers-1 each hold a shard of the parameters (whole tensors, balanced by
+    size) and serve it from a thread, next to their own training (1 ≤ num_servers ≤ workers)."""
+
+    def __post_init__(self) -> None:
+        _positive_int("max_staleness", self.max_staleness, "Use e.g. 8", allow_zero=True)
+        _positive_int("num_servers", self.num_servers, "Use e.g. num_servers=1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FSDPOptions:
+    """``strategy="fsdp"``: parameters, gradients and optimizer state sharded (FSDP2)."""
+
+    reshard_after_forward: bool = True
+    """Free gathered parameters after forward (less memory, one more all-gather in backward)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reshard_after_forward, bool):
+            raise _fail(
+                "reshard_after_forward", "a bool", self.reshard_after_forward, "Use True or False"
+            )
+
+
+STRATEGY_OPTIONS: dict[str, type] = {
+    "allreduce": AllReduceOptions,
+    "local_sgd": LocalSGDOptions,
+    "parameter_server": ParameterServerOptions,
+    "fsdp": FSDPOptions,
+}
+"""Each strategy's options class: the keys ``strategy_options`` accepts for it."""
+
+
+def _options_owner(key: str) -> list[str]:
+    return [name for name, cls in STRATEGY_OPTIONS.items() if key in {f.name for f in fields(cls)}]
+
+
+@dataclass(frozen=True, kw_only=True)
 class SyncConfig:
     """How workers synchronize (one switch: ``strategy``) and that strategy's options."""
 
     strategy: str = "allreduce"
-    """One of STRATEGIES; "allreduce" is DistributedDataParallel."""
+    """One of STRATEGIES: "allreduce" (DDP), "local_sgd", "parameter_server" or "fsdp"."""
     options: Mapping[str, Any] = field(default_factory=dict)
-    """Strategy options (e.g. compression for allreduce); validated by the strategy."""
+    """Options of the strategy, the fields of its class in STRATEGY_OPTIONS (e.g.
+    ``{"compression": "fp16"}`` for allreduce); validated here, on the driver."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -201,6 +295,59 @@ class SyncConfig:
                 f"one of {STRATEGIES}",
                 self.strategy,
                 'Use strategy="allreduce" unless you need another mode',
+            )
+        if not isinstance(self.options, Mapping):
+            raise _fail("strategy_options", "a dict", self.options, 'Pass e.g. {"sync_every": 8}')
+        self.typed_options()
+
+    def typed_options(self) -> Any:
+        """The options as the strategy's options dataclass (ConfigError on a bad key or value)."""
+        cls = STRATEGY_OPTIONS[self.strategy]
+        allowed = sorted(f.name for f in fields(cls))
+        for key in self.options:
+            if key in allowed:
+                continue
+            owners = _options_owner(key)
+            if owners:
+                raise _fail(
+                    key,
+                    f"used with strategy={owners[0]!r}",
+                    f"{key}={self.options[key]!r} with strategy={self.strategy!r}",
+                    f"Use strategy={owners[0]!r} or drop {key!r}",
+                )
+            raise _fail(
+                f"strategy_options key {key!r}",
+                f"one of {allowed} for strategy={self.strategy!r}",
+                key,
+                "Check the spelling",
+            )
+        if self.strategy == "allreduce" and self.options.get("compression") != "powersgd":
+            for key in ("powersgd_rank", "powersgd_warmup_steps"):
+                if key in self.options:
+                    raise _fail(
+                        key,
+                        'used with compression="powersgd"',
+                        f"{key} with compression={self.options.get('compression')!r}",
+                        'Add compression="powersgd" or drop it',
+                    )
+        return cls(**dict(self.options))
+
+    def check_world_size(self, num_workers: int) -> None:
+        """Checks that need the worker count (run on the driver before launching)."""
+        if self.strategy == "fsdp" and num_workers < 2:
+            raise _fail(
+                "num_workers",
+                '≥ 2 for strategy="fsdp" (it shards over a process group, and one worker has none)',
+                num_workers,
+                'Use num_workers ≥ 2, or strategy="allreduce" for a single worker',
+            )
+        opts = self.typed_options()
+        if self.strategy == "parameter_server" and opts.num_servers > num_workers:
+            raise _fail(
+                "num_servers",
+                f"at most num_workers ({num_workers}): servers run on ranks 0 … num_servers-1",
+                opts.num_servers,
+                "Lower num_servers",
             )
 
 

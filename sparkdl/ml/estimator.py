@@ -52,6 +52,9 @@ class TorchEstimator:
     ``model`` is an ``nn.Module``, a zero-argument callable returning one, or an import path
     ``"package.module:factory"`` (called with ``model_kwargs``). ``loss`` and ``optimizer``
     take a name (see ``sparkdl.config.LOSSES`` / ``OPTIMIZERS``) or a callable.
+    ``strategy`` picks how workers synchronize ("allreduce", "local_sgd", "parameter_server",
+    "fsdp") and ``strategy_options`` its options (``sparkdl.config.STRATEGY_OPTIONS``), e.g.
+    ``strategy_options={"compression": "fp16"}``; both are validated here, on the driver.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class TorchEstimator:
             reader=reader,
         )
         self.sync = SyncConfig(strategy=strategy, options=strategy_options or {})
+        self.sync.check_world_size(num_workers)
         self.checkpoint = CheckpointConfig()
         self.feature_cols = list(feature_cols)
         self.label_col = label_col

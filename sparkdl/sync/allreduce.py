@@ -1,4 +1,8 @@
-"""[worker] All-reduce data parallelism: DistributedDataParallel, the default strategy."""
+"""[worker] All-reduce data parallelism: DistributedDataParallel, the default strategy.
+
+Gradients are averaged across ranks during backward, bucket by bucket, through a counting
+communication hook: plain fp32, or compressed (``compression="fp16" | "bf16" | "powersgd"``).
+"""
 
 from __future__ import annotations
 
@@ -7,42 +11,36 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from sparkdl.config import AllReduceOptions
 from sparkdl.sync.base import SyncStrategy
+from sparkdl.sync.compression import counting_hook
 
-__all__ = ["AllReduceStrategy"]
+__all__ = ["AllReduceStrategy", "ddp"]
+
+
+def ddp(module: nn.Module, device: str, **kwargs: Any) -> Any:
+    """(all ranks) ``module`` in DistributedDataParallel (which broadcasts rank 0's parameters)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return DistributedDataParallel(module, device_ids=device_ids, **kwargs)
 
 
 class AllReduceStrategy(SyncStrategy):
-    """DDP: gradients averaged across ranks during backward, in buckets."""
+    """DDP: every rank holds a replica; gradients are all-reduced each step."""
 
     name = "allreduce"
 
+    def __init__(self, env: Any, options: AllReduceOptions | None = None) -> None:
+        super().__init__(env, options or AllReduceOptions())
+
     def wrap(self, module: nn.Module) -> nn.Module:
-        """(all ranks) Wrap in DDP (which broadcasts rank 0's parameters) when distributed."""
-        self._module = module
+        """(all ranks) Wrap in DDP with the counting hook when distributed."""
+        self._module = self._wrapped = module
         if not self.env.distributed:
             return module
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        device_ids = (
-            [torch.device(self.env.device).index] if self.env.device.startswith("cuda") else None
-        )
-        ddp = DDP(module, device_ids=device_ids)
-        self._register_byte_counter(ddp)
-        return ddp
-
-    def _register_byte_counter(self, ddp: Any) -> None:
-        """Count bytes at the communication hook: the same all-reduce DDP does, plus a tally."""
-        import torch.distributed as dist
-
-        strategy = self
-
-        # No annotations: DDP inspects them, and postponed annotations are strings.
-        def counting_allreduce(state, bucket):  # type: ignore[no-untyped-def]
-            tensor = bucket.buffer()
-            strategy.comm_bytes += tensor.numel() * tensor.element_size()
-            tensor.div_(dist.get_world_size())
-            fut = dist.all_reduce(tensor, async_op=True).get_future()
-            return fut.then(lambda f: f.value()[0])
-
-        ddp.register_comm_hook(None, counting_allreduce)
+        wrapped = ddp(module, self.env.device)
+        state, hook = counting_hook(self, self.options.compression)
+        wrapped.register_comm_hook(state, hook)
+        self._wrapped = wrapped
+        return wrapped

@@ -1,39 +1,85 @@
 """[worker] The small protocol every synchronization strategy implements.
 
-A strategy owns how gradients or parameters travel between ranks. The training loop calls,
-in order: ``wrap`` once, then per step ``forward``/``backward`` on the wrapped module,
-``before_step`` (gradients are final after it), ``optimizer.step()``, ``after_step``;
-``module_to_save`` gives the plain module whose ``state_dict`` is the model.
+A strategy owns how gradients or parameters travel between ranks. The training loop (and
+:func:`sparkdl.sync.prepare` for your own loop) calls, in order: ``wrap`` once,
+``build_optimizer`` once; per step ``forward``/``backward`` on the wrapped module,
+``before_step`` (gradients are final after it), ``optimizer.step()``, ``after_step``; at epoch
+ends ``synchronize``; at the end ``final_state_dict`` then ``teardown``.
 Every hook that communicates is called by all ranks the same number of times.
+
+``comm_bytes`` counts the bytes this rank puts on the wire, counted where the strategy hands a
+payload to the transport (compressed sizes, PowerSGD's P and Q, FSDP's shards, the parameter
+server's messages), converted with the bandwidth-optimal (ring) cost of each collective:
+all-reduce ``2(W-1)/W × payload``, all-gather ``(W-1)/W × gathered``, reduce-scatter
+``(W-1)/W × input``, point-to-point ``payload``. With two workers an all-reduce costs its
+payload once.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from sparkdl.launch.context import WorkerEnv
 
-__all__ = ["SyncStrategy"]
+__all__ = ["SyncStrategy", "OptimizerFactory", "wire_bytes", "CHECKPOINT_FILE"]
+
+OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+"""``build(params) -> Optimizer``: how a strategy makes the optimizer over what it trains."""
+
+CHECKPOINT_FILE = "model_optimizer.pt"
+"""The single file a replicated strategy writes into a checkpoint directory."""
+
+
+def wire_bytes(collective: str, payload_bytes: int, world_size: int) -> int:
+    """Bytes one rank sends for ``collective`` of ``payload_bytes`` (ring algorithms)."""
+    w = max(world_size, 1)
+    if collective == "all_reduce":
+        return (2 * (w - 1) * payload_bytes) // w
+    if collective in ("all_gather", "reduce_scatter"):
+        return ((w - 1) * payload_bytes) // w
+    if collective == "send":
+        return payload_bytes
+    raise ValueError(f"unknown collective {collective!r}")
 
 
 class SyncStrategy:
     """Base strategy: a world of one, no communication. Subclasses override what they need."""
 
     name = "none"
+    synchronous = True
+    """False when ranks step independently: the loop then reduces metrics only at epoch ends."""
 
-    def __init__(self, env: WorkerEnv, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, env: WorkerEnv, options: Any = None) -> None:
         self.env = env
-        self.options = dict(options or {})
+        self.options = options
+        """The strategy's options dataclass (see sparkdl.config.STRATEGY_OPTIONS)."""
         self.comm_bytes = 0
-        """Bytes this rank sent so far, counted where the strategy hands data to the transport."""
+        """Bytes this rank sent so far (see the module docstring for how they are counted)."""
+        self._count_lock = threading.Lock()
         self._module: nn.Module | None = None
+        self._wrapped: nn.Module | None = None
+
+    def count(self, collective: str, payload_bytes: int) -> None:
+        """Add one transfer to ``comm_bytes`` (thread-safe: hooks and server threads call it)."""
+        sent = wire_bytes(collective, int(payload_bytes), self.env.world_size)
+        with self._count_lock:
+            self.comm_bytes += sent
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """(all ranks) Prepare ``module`` (already on the device); returns the module to train."""
-        self._module = module
+        self._module = self._wrapped = module
         return module
+
+    def build_optimizer(self, build: OptimizerFactory) -> torch.optim.Optimizer:
+        """(all ranks) The optimizer the loop steps; by default over the wrapped parameters."""
+        assert self._wrapped is not None, "wrap() first"
+        return build(self._wrapped.parameters())
 
     def before_step(self, step: int) -> None:
         """(all ranks) Called after backward, before optimizer.step()."""
@@ -41,10 +87,58 @@ class SyncStrategy:
     def after_step(self, step: int) -> None:
         """(all ranks) Called after optimizer.step()."""
 
+    def synchronize(self) -> None:
+        """(all ranks) Bring this rank's module to the model of record (e.g. before evaluation)."""
+
     def module_to_save(self) -> nn.Module:
-        """The unwrapped module whose state_dict is the model of record."""
+        """The unwrapped module; its ``state_dict`` is the model where ranks hold replicas."""
         assert self._module is not None, "wrap() first"
         return self._module
 
+    def final_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """(all ranks) The model of record as a plain CPU state dict on the chief, None elsewhere.
+
+        It loads into the unwrapped module with ``load_state_dict``.
+        """
+        self.synchronize()
+        if not self.env.is_chief:
+            return None
+        return {k: v.detach().cpu() for k, v in self.module_to_save().state_dict().items()}
+
+    def save_checkpoint(self, path: str, optimizer: torch.optim.Optimizer) -> None:
+        """(all ranks) Write model and optimizer state into the directory ``path``.
+
+        Replicated strategies: the chief writes one file; sharded ones write one piece per rank.
+        """
+        from sparkdl.train.model_io import atomic_write_bytes
+
+        model = self.final_state_dict()
+        if self.env.is_chief:
+            import io
+
+            buffer = io.BytesIO()
+            torch.save({"model": model, "optimizer": optimizer.state_dict()}, buffer)
+            atomic_write_bytes(os.path.join(path, CHECKPOINT_FILE), buffer.getvalue())
+        self._barrier()
+
+    def load_checkpoint(self, path: str, optimizer: torch.optim.Optimizer) -> None:
+        """(all ranks) Restore what :meth:`save_checkpoint` wrote into the same strategy."""
+        state = torch.load(
+            os.path.join(path, CHECKPOINT_FILE), map_location=self.env.device, weights_only=True
+        )
+        self.module_to_save().load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+
+    def stats(self) -> dict[str, float]:
+        """Strategy-specific counters of this rank (recorded as ``sync/<name>`` metrics)."""
+        return {}
+
     def teardown(self) -> None:
         """(all ranks) Release communication resources."""
+
+    def _barrier(self) -> None:
+        """(all ranks) Wait for every rank; nothing in a world of one."""
+        if self.env.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,7 +22,14 @@ import torch.nn as nn
 from sparkdl.config import ModelSpec
 from sparkdl.errors import CheckpointError
 
-__all__ = ["save_weights", "write_model_json", "load_module", "local_path", "atomic_write_bytes"]
+__all__ = [
+    "save_weights",
+    "save_state_dict",
+    "write_model_json",
+    "load_module",
+    "local_path",
+    "atomic_write_bytes",
+]
 
 STATE_FILE = "state_dict.pt"
 META_FILE = "model.json"
@@ -48,11 +56,15 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def save_weights(module: nn.Module, model_dir: str) -> str:
     """(chief only) Save ``module``'s state dict atomically; returns the file path."""
+    return save_state_dict(module.state_dict(), model_dir)
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], model_dir: str) -> str:
+    """(chief only) Save a state dict (as CPU tensors) atomically; returns the file path."""
     import io
 
     buffer = io.BytesIO()
-    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    torch.save(state, buffer)
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
     path = os.path.join(local_path(model_dir), STATE_FILE)
     atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -1,8 +1,10 @@
 """[worker] run_worker(spec, env): the training loop, top to bottom.
 
-Setup → for each epoch: for each step: batch, forward, backward, sync, step, maybe report →
-epoch metrics (and validation) → teardown: the chief writes the model. Pure torch: runs in a
-Spark barrier task, a local process, or a unit test alike.
+Setup → for each epoch: for each step: batch, forward, backward, sync + step, maybe report →
+synchronize → epoch metrics (and validation) → teardown: the chief writes the model. Pure torch:
+runs in a Spark barrier task, a local process, or a unit test alike. How ranks synchronize is
+the strategy's business (sparkdl.sync), reached through the same ``Prepared`` object that
+``sparkdl.sync.prepare`` gives users of their own loop.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from sparkdl.config import TrainSpec
 from sparkdl.data.loader import ShardedDataset
 from sparkdl.errors import DataError
 from sparkdl.launch.context import WorkerEnv, get_context
-from sparkdl.sync import SyncStrategy, make_strategy
+from sparkdl.sync import SyncStrategy
+from sparkdl.sync.prepare import prepare_config
 from sparkdl.train.components import build_loss, build_optimizer, is_classification
 from sparkdl.train.metrics import MetricsLog
-from sparkdl.train.model_io import save_weights
+from sparkdl.train.model_io import save_state_dict
 
 __all__ = ["WorkerResult", "run_worker", "train"]
 
@@ -61,6 +64,19 @@ def _all_reduce_sum(values: list[float], env: WorkerEnv) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def _all_reduce_max(value: int, env: WorkerEnv) -> int:
+    """(all ranks) The largest ``value`` over ranks; identity in a world of one."""
+    if not env.distributed:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.int64)
+    if env.backend == "nccl":
+        tensor = tensor.to(env.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 class _Trainer:
     """The state of one worker's run; methods are the chapters of run_worker's story."""
 
@@ -69,9 +85,11 @@ class _Trainer:
         self.device = torch.device(env.device)
         torch.manual_seed(spec.optim.seed)
         self.dataset = ShardedDataset.load(spec.dataset_path)
-        self.strategy: SyncStrategy = make_strategy(spec.sync, env)
-        self.model = self.strategy.wrap(spec.model.build().to(self.device))
-        self.optimizer = build_optimizer(spec.optim, self.model.parameters())
+        self.sync = prepare_config(
+            spec.model.build(), spec.sync, env, lambda params: build_optimizer(spec.optim, params)
+        )
+        self.strategy: SyncStrategy = self.sync.strategy
+        self.model, self.optimizer = self.sync.module, self.sync.optimizer
         self.loss_fn = build_loss(spec.optim)
         self.classify = is_classification(spec.optim)
         self.loader = self.dataset.loader(
@@ -103,6 +121,7 @@ class _Trainer:
         # Losses accumulate on the device; reading them back (a sync on GPU) happens per window.
         window = torch.zeros((), dtype=torch.float64, device=self.device)
         epoch_loss, window_steps, epoch_samples = 0.0, 0, 0
+        bytes_before = self.strategy.comm_bytes
         start = time.perf_counter()
         for features, labels in self.loader:
             features = features.to(self.device, non_blocking=True)
@@ -110,9 +129,7 @@ class _Trainer:
             loss = self.loss_fn(self.model(features), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.strategy.before_step(self.step)
-            self.optimizer.step()
-            self.strategy.after_step(self.step)
+            self.sync.step()
             self.step += 1
             epoch_samples += labels.shape[0]
             window += loss.detach().double()
@@ -124,11 +141,18 @@ class _Trainer:
                 window.zero_()
                 window_steps = 0
         epoch_loss += float(window)
+        # Replicas that drifted apart (local SGD) or lag the servers meet the model of record.
+        self.strategy.synchronize()
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         self.samples += epoch_samples
-        total_loss, total_steps, total_samples = _all_reduce_sum(
-            [epoch_loss, float(self.steps_per_epoch), float(epoch_samples)], self.env
+        epoch_bytes = float(self.strategy.comm_bytes - bytes_before)
+        self._record_epoch(epoch, seconds, [epoch_loss, epoch_samples, epoch_bytes])
+
+    def _record_epoch(self, epoch: int, seconds: float, sums: list[float]) -> None:
+        """(all ranks) Cross-rank epoch metrics; the only collective of an asynchronous epoch."""
+        total_loss, total_samples, total_bytes, total_steps = _all_reduce_sum(
+            [*sums, float(self.steps_per_epoch)], self.env
         )
         mean_loss = total_loss / max(total_steps, 1)
         self._check_finite(mean_loss, epoch)
@@ -136,17 +160,22 @@ class _Trainer:
         self.metrics.record(
             epoch, self.step, "train", "samples_per_s", total_samples / max(seconds, 1e-9)
         )
+        # Bytes sent per worker per step this epoch, averaged over the workers.
         self.metrics.record(
-            epoch,
-            self.step,
-            "train",
-            "comm_bytes_per_step",
-            self.strategy.comm_bytes / max(self.step, 1),
+            epoch, self.step, "train", "comm_bytes_per_step", total_bytes / max(total_steps, 1)
         )
+        for name, value in self.strategy.stats().items():
+            self.metrics.record(epoch, self.step, "sync", name, value)
 
     def _report_window(self, epoch: int, window_loss: float, window_steps: int) -> None:
-        """(all ranks) Cross-rank mean loss of the last window of steps."""
-        total, count = _all_reduce_sum([window_loss, float(window_steps)], self.env)
+        """(all ranks) Cross-rank mean loss of the last window of steps.
+
+        Asynchronous strategies report each rank's own loss: a collective here would make the
+        fast workers wait for the slow ones every window.
+        """
+        total, count = window_loss, float(window_steps)
+        if self.strategy.synchronous:
+            total, count = _all_reduce_sum([window_loss, float(window_steps)], self.env)
         mean = total / max(count, 1)
         self._check_finite(mean, epoch)
         self.metrics.record(epoch, self.step, "train", "step_loss", mean)
@@ -176,6 +205,9 @@ class _Trainer:
             reader=self.spec.optim.reader,
         )
         loss_sum, count, correct = 0.0, 0.0, 0.0
+        # Sharded modules gather parameters in forward (a collective): every rank runs as many
+        # forwards as the rank with the most batches, the extra ones on zero rows.
+        extra = _all_reduce_max(len(loader), self.env) - len(loader)
         with torch.no_grad():
             for features, labels in loader:
                 features, labels = features.to(self.device), labels.to(self.device)
@@ -184,6 +216,8 @@ class _Trainer:
                 count += labels.shape[0]
                 if self.classify:
                     correct += float((outputs.argmax(dim=1) == labels).sum())
+            for _ in range(extra):
+                self.model(torch.zeros(0, self.dataset.feature_dim, device=self.device))
         loss_sum, count, correct = _all_reduce_sum([loss_sum, count, correct], self.env)
         if count:
             self.metrics.record(epoch, self.step, "validation", "loss", loss_sum / count)
@@ -193,10 +227,12 @@ class _Trainer:
     def finish(self) -> WorkerResult:
         """(chief only for the writes) Save the model of record; every rank returns its record."""
         model_dir = None
+        state = self.strategy.final_state_dict()
         if self.env.is_chief:
+            assert state is not None
             model_dir = os.path.join(self.spec.run_dir, "model")
-            save_weights(self.strategy.module_to_save(), model_dir)
-        self.strategy.teardown()
+            save_state_dict(state, model_dir)
+        self.sync.close()
         return WorkerResult(
             rank=self.env.rank,
             steps=self.step,

@@ -1,0 +1,213 @@
+"""Every strategy with 2 gloo workers: bytes at the hook, async staleness, sharded checkpoints."""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+import sparkdl
+from sparkdl.sync import prepare
+
+pytestmark = pytest.mark.timeout(300)
+
+CONFIGS = [
+    ("allreduce", {}),
+    ("allreduce", {"compression": "fp16"}),
+    ("allreduce", {"compression": "bf16"}),
+    ("allreduce", {"compression": "powersgd", "powersgd_rank": 1, "powersgd_warmup_steps": 2}),
+    ("local_sgd", {"sync_every": 4, "warmup_steps": 2}),
+    ("parameter_server", {}),
+    ("fsdp", {}),
+]
+STEPS = 10
+
+
+def _mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+
+
+def _batches(rank: int, n: int, features: int = 32, classes: int = 8) -> list:
+    gen = torch.Generator().manual_seed(100 + rank)
+    return [
+        (torch.randn(16, features, generator=gen), torch.randint(0, classes, (16,), generator=gen))
+        for _ in range(n)
+    ]
+
+
+def _train(sync, batches) -> list[int]:
+    """Train on ``batches``; the bytes this rank sent at each step."""
+    sent = []
+    for x, y in batches:
+        before = sync.comm_bytes
+        loss = torch.nn.functional.cross_entropy(sync.module(x), y)
+        sync.optimizer.zero_grad()
+        loss.backward()
+        sync.step()
+        sent.append(sync.comm_bytes - before)
+    return sent
+
+
+def _every_strategy() -> dict:
+    rank = sparkdl.get_context().rank
+    out = {}
+    for strategy, options in CONFIGS:
+        torch.manual_seed(0)
+        sync = prepare(
+            _mlp(), strategy, optimizer=functools.partial(torch.optim.SGD, lr=0.1), **options
+        )
+        sent = _train(sync, _batches(rank, STEPS))
+        out[f"{strategy} {options}"] = {"sent": sent, "state": sync.state_dict()}
+        sync.close()
+    return out
+
+
+def test_each_strategy_counts_the_bytes_it_hands_the_transport():
+    results = sparkdl.Distributor(2, local_mode=True, timeout_s=120).run(_every_strategy)
+    payload = sum(p.numel() * 4 for p in _mlp().parameters())  # fp32 bytes of all parameters
+    chief = results[0]
+    sent = {key: value["sent"] for key, value in chief.items()}
+    names = [f"{s} {o}" for s, o in CONFIGS]
+    assert sent[names[0]] == [payload] * STEPS  # two workers: a ring all-reduce sends it once
+    assert sent[names[1]] == [payload // 2] * STEPS  # fp16
+    assert sent[names[2]] == [payload // 2] * STEPS  # bf16
+    powersgd = sent[names[3]]
+    assert powersgd[:2] == [payload] * 2 and all(0 < b <= 0.1 * payload for b in powersgd[2:])
+    local_sgd = sent[names[4]]  # 2 warm-up all-reduces, then parameters averaged every 4 steps
+    assert local_sgd == [payload, payload, 0, 0, 0, payload, 0, 0, 0, payload]
+    worker = results[1][names[5]]["sent"]  # a worker pushes its gradient (+ a 16-byte header)
+    assert worker == [payload + 16] * STEPS
+    fsdp = sent[names[6]]  # all-gather in forward and backward, reduce-scatter: 3 × half
+    assert all(1.4 * payload <= b <= 1.6 * payload for b in fsdp)
+    # FSDP's reduce-scatter averages gradients as DDP's all-reduce does: same trained model.
+    ddp_state, fsdp_state = chief[names[0]]["state"], chief[names[6]]["state"]
+    assert results[1][names[6]]["state"] is None
+    for name, value in ddp_state.items():
+        torch.testing.assert_close(fsdp_state[name], value, atol=1e-5, rtol=1e-5)
+
+
+def _async_run(slow_rank: int, slow_sleep: float, slow_steps: int, fast_steps: int) -> dict:
+    """Parameter-server training where ``slow_rank`` sleeps ``slow_sleep`` before each step."""
+    rank = sparkdl.get_context().rank
+    torch.manual_seed(0)
+    sync = prepare(
+        torch.nn.Linear(16, 4),
+        "parameter_server",
+        optimizer=functools.partial(torch.optim.SGD, lr=0.01),
+        max_staleness=4,
+    )
+    sync.synchronize()  # start together: the first optimizer imports torch._dynamo (seconds)
+    slow = rank == slow_rank
+    times = []
+    for x, y in _batches(rank, slow_steps if slow else fast_steps, features=16, classes=4):
+        time.sleep(slow_sleep if slow else 0.02)
+        loss = torch.nn.functional.cross_entropy(sync.module(x), y)
+        sync.optimizer.zero_grad()
+        loss.backward()
+        sync.step()
+        times.append(time.perf_counter())
+    sync.synchronize()  # every push is in
+    log, stats = sync.strategy.update_log(), sync.stats()
+    sync.close()
+    return {"times": times, "log": log, "stats": stats}
+
+
+def _median_interval(times: list[float]) -> float:
+    return statistics.median(b - a for a, b in zip(times, times[1:]))
+
+
+def test_parameter_server_bounds_staleness_and_never_waits_for_a_slow_worker():
+    distributor = sparkdl.Distributor(2, local_mode=True, timeout_s=120)
+    even = distributor.run(_async_run, -1, 0.0, 24, 24)
+    skewed = distributor.run(_async_run, 0, 1.5, 3, 24)  # rank 0 (also the server) is slow
+    for run in (even, skewed):
+        log = run[0]["log"]  # the server's record: (worker, computed on, on arrival, applied)
+        assert len(log) == len(run[0]["times"]) + len(run[1]["times"])
+        assert all(arrived - computed <= 4 for _, computed, arrived, applied in log if applied)
+        assert all(arrived - computed > 4 for _, computed, arrived, applied in log if not applied)
+        assert run[0]["stats"]["server_staleness_max"] <= 4
+    # Counts, not clocks: all 24 fast steps reached the server before the slow worker's second.
+    order = [worker for worker, *_ in skewed[0]["log"]]
+    second_slow = [i for i, w in enumerate(order) if w == 0][1]
+    assert order[:second_slow].count(1) == 24
+    # The slow worker's gradients were far too stale, so the bound dropped them.
+    assert skewed[1]["stats"]["applied"] == 24
+    assert any(not applied for worker, *_, applied in skewed[0]["log"] if worker == 0)
+    # And its pace: the fast worker's median step interval stayed within 20 % of the even run's.
+    assert _median_interval(skewed[1]["times"]) <= 1.25 * _median_interval(even[1]["times"])
+
+
+def _server_state(sync) -> dict | None:
+    server = getattr(sync.strategy, "server", None)
+    return None if server is None else server.state()
+
+
+def _checkpoint_round_trips(directory: str) -> dict:
+    rank = sparkdl.get_context().rank
+    make_adam = functools.partial(torch.optim.Adam, lr=1e-2)
+    probe = torch.randn(5, 32, generator=torch.Generator().manual_seed(7))
+    batches = _batches(rank, 5)
+    out: dict = {}
+    for strategy in ("fsdp", "parameter_server"):
+        path = os.path.join(directory, strategy)
+        torch.manual_seed(0)
+        sync = prepare(_mlp(), strategy, optimizer=make_adam)
+        _train(sync, batches[:3])
+        sync.save_checkpoint(path)
+        saved_server = _server_state(sync)
+        with torch.no_grad():
+            at_checkpoint = sync.module(probe)
+        _train(sync, batches[3:])
+        sync.synchronize()
+        with torch.no_grad():
+            trained = sync.module(probe)
+        state = sync.state_dict()
+        sync.close()
+        torch.manual_seed(1)  # a different start: everything must come from the checkpoint
+        resumed = prepare(_mlp(), strategy, optimizer=make_adam)
+        resumed.load_checkpoint(path)
+        with torch.no_grad():
+            after_load = resumed.module(probe)
+        loaded_server = _server_state(resumed)
+        _train(resumed, batches[3:])
+        resumed_state = resumed.state_dict()
+        resumed.close()
+        out[strategy] = {
+            "files": sorted(os.listdir(path)),
+            "at_checkpoint": at_checkpoint,
+            "after_load": after_load,
+            "trained": trained,
+            "state": state,
+            "resumed_state": resumed_state,
+            "servers": (saved_server, loaded_server),
+        }
+    return out
+
+
+def test_sharded_checkpoints_round_trip_and_final_model_loads_unwrapped(tmp_path):
+    results = sparkdl.Distributor(2, local_mode=True, timeout_s=120).run(
+        _checkpoint_round_trips, str(tmp_path)
+    )
+    chief = results[0]
+    fsdp = chief["fsdp"]
+    assert sum(f.endswith(".distcp") for f in fsdp["files"]) == 2  # one shard file per rank
+    assert chief["parameter_server"]["files"] == ["ps-shard-0000.pt"]
+    for name, value in fsdp["state"].items():  # same optimizer state: the same next steps
+        torch.testing.assert_close(fsdp["resumed_state"][name], value)
+    saved, loaded = chief["parameter_server"]["servers"]  # asynchronous: compare the server
+    assert loaded["version"] == saved["version"] == 6  # 3 steps × 2 workers
+    torch.testing.assert_close(loaded["optimizer"], saved["optimizer"])
+    torch.testing.assert_close(loaded["params"], saved["params"])
+    for strategy, run in chief.items():
+        torch.testing.assert_close(run["after_load"], run["at_checkpoint"], msg=strategy)
+        plain = _mlp()  # the final model is a plain state dict for the unwrapped module
+        plain.load_state_dict(run["state"])
+        with torch.no_grad():
+            torch.testing.assert_close(plain(torch.randn(0, 32)), torch.zeros(0, 8))
+            probe = torch.randn(5, 32, generator=torch.Generator().manual_seed(7))
+            torch.testing.assert_close(plain(probe), run["trained"], msg=strategy)
+    torch.testing.assert_close(results[1]["fsdp"]["trained"], fsdp["trained"])
