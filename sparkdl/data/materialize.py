@@ -409,7 +409,8 @@ def _check_scan(scan: _Scan, layout: _Layout, params: _Params) -> dict[str, int]
         if s["nonfinite"]:
             raise DataError(
                 f"column {col!r} must hold only finite values, got {s['nonfinite']} NaN/inf "
-                "value(s) (after the cast to float32). Filter or impute them first."
+                "value(s) (after the cast to float32). Filter or impute them first, or pass "
+                "on_invalid='skip' to drop those rows."
             )
     for col, kind in layout.features:
         lengths = scan.stats[col]["lengths"]
