@@ -181,9 +181,9 @@ def test_truncated_checkpoint_is_skipped_on_resume(frame, tmp_path):
     # 96 rows / 2 workers / batch 8 = 6 steps an epoch: checkpoints at 4 (step) and 6 (epoch)
     fault = {"rank": 0, "step": 9, "attempt": 0, "mode": "raise"}
     with pytest.raises(sparkdl.WorkerGroupError):
-        estimator(
-            run_dir, fault_injection=fault, max_restarts=0, checkpoint_every_steps=4
-        ).fit(frame)
+        estimator(run_dir, fault_injection=fault, max_restarts=0, checkpoint_every_steps=4).fit(
+            frame
+        )
     latest = ckpt.list_complete(str(run_dir))[-1]
     assert latest.step == 8
     state_file = os.path.join(latest.path, ckpt.STATE_FILE)
