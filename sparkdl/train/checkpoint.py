@@ -242,8 +242,8 @@ def apply_retention(run_dir: str, keep_last: int) -> None:
 
 def rng_snapshot(device: str) -> bytes:
     """This process's RNG states (torch CPU, CUDA on ``device``, numpy, random) as JSON bytes."""
-    np_state = np.random.get_state()
-    state = {
+    np_state: Any = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         "cuda": None,
         "numpy": [np_state[0], np_state[1].tolist(), *[_plain(v) for v in np_state[2:]]],

@@ -3,7 +3,8 @@
 
 Covered elsewhere and not repeated here: missing column, wrong dtype, nulls, empty DataFrame and
 fewer rows than workers (tests/spark/test_estimator.py), NaN/inf per column kind and ragged
-arrays at the materialize level (tests/spark/test_materialize.py).
+arrays at the materialize level (tests/spark/test_materialize.py), a truncated checkpoint on
+resume (tests/unit/test_checkpoint.py), a raising or hanging rank (tests/spark/test_reliability.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from sparkdl.errors import (
     WorkerConfigError,
     WorkerDataError,
 )
-from sparkdl.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -174,24 +174,6 @@ def test_loss_turning_nan_stops_naming_the_step(frame, tmp_path):
         estimator(tmp_path / "run", loss=nan_loss).fit(frame)
     assert len(_run_json(tmp_path / "run")["attempts"]) == 1
     _nothing_complete(tmp_path / "run")
-
-
-def test_truncated_checkpoint_is_skipped_on_resume(frame, tmp_path):
-    run_dir = tmp_path / "run"
-    # 96 rows / 2 workers / batch 8 = 6 steps an epoch: checkpoints at 4 (step) and 6 (epoch)
-    fault = {"rank": 0, "step": 9, "attempt": 0, "mode": "raise"}
-    with pytest.raises(sparkdl.WorkerGroupError):
-        estimator(run_dir, fault_injection=fault, max_restarts=0, checkpoint_every_steps=4).fit(
-            frame
-        )
-    latest = ckpt.list_complete(str(run_dir))[-1]
-    assert latest.step == 8
-    state_file = os.path.join(latest.path, ckpt.STATE_FILE)
-    with open(state_file, "r+b") as fh:
-        fh.truncate(os.path.getsize(state_file) // 3)
-    estimator(run_dir, resume=True, checkpoint_every_steps=4).fit(frame)
-    run = _run_json(run_dir)
-    assert run["status"] == "succeeded" and run["resumed_from_step"] == 6 and run["steps"] == 12
 
 
 def test_existing_run_dir_needs_overwrite_or_resume(frame, tmp_path):

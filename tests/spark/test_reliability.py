@@ -109,7 +109,11 @@ def test_rank_raising_fails_fast_then_resume_continues_with_one_worker(frame, tm
     assert len(rows[rows.name == "loss"]) == 2
 
 
-def test_hanging_rank_is_torn_down_with_a_clear_error(frame, tmp_path):
+def one_per_rank():
+    return sparkdl.get_context().rank
+
+
+def test_hanging_rank_is_torn_down_with_a_clear_error(frame, tmp_path, spark_local):
     fault = {"rank": 0, "step": 3, "attempt": 0, "mode": "hang"}
     start = time.monotonic()
     with pytest.raises(WorkerGroupError) as info:
@@ -122,3 +126,6 @@ def test_hanging_rank_is_torn_down_with_a_clear_error(frame, tmp_path):
     assert "rank 1 of 2" in message
     assert elapsed < 10 + 180  # the timeout plus launch and teardown on a loaded machine
     assert _run_json(tmp_path / "run")["status"] == "failed"
+    # the hung task was torn down: both slots are free again
+    distributor = sparkdl.Distributor(2, spark=spark_local, timeout_s=60)
+    assert distributor.run(one_per_rank) == [0, 1]

@@ -156,3 +156,21 @@ def test_resume_of_a_finished_run_does_no_more_steps(tmp_path):
     again = run_worker(spec, WorkerEnv(attempt=1))
     assert again.resumed_from_step == first.steps == again.steps
     assert again.samples == first.samples
+
+
+def test_resume_skips_a_truncated_latest_checkpoint(tmp_path, caplog):
+    dataset = _dataset(tmp_path / "ds")
+    fault = FaultInjection(rank=0, step=19, attempt=0, mode="raise")
+    spec = _spec(tmp_path / "run", dataset, faults=[fault], optimizer="sgd")
+    with pytest.raises(RuntimeError, match="fault injection"):
+        run_worker(spec, WorkerEnv(attempt=0))
+    latest = ckpt.list_complete(str(tmp_path / "run"))[-1]  # step 15; 12 before it
+    state_file = os.path.join(latest.path, ckpt.STATE_FILE)
+    with open(state_file, "r+b") as fh:
+        fh.truncate(os.path.getsize(state_file) // 3)
+    with caplog.at_level(logging.WARNING, logger="sparkdl"):
+        resumed = run_worker(spec, WorkerEnv(attempt=1))
+    assert resumed.resumed_from_step == 12 and resumed.steps == 36
+    assert "skipping checkpoint at step 15" in caplog.text
+    rows = pq.read_table(tmp_path / "run" / "metrics").to_pandas()
+    assert not rows.duplicated(["epoch", "step", "split", "name"]).any()
