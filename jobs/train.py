@@ -31,6 +31,7 @@ def main(argv=None) -> int:
         validation_fraction=data["validation_fraction"],
         run_dir=run["run_dir"],
         overwrite=run["mode"] == "overwrite",
+        resume=run["mode"] == "resume",
         **train,
     )
     source = (

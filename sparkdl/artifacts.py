@@ -2,10 +2,12 @@
 
 Layout of a run directory::
 
-    run.json        status (running → succeeded | failed), config, versions, timings, metrics
+    run.json        status (running → succeeded | failed), config, versions, timings, metrics,
+                    attempts (one entry per launch attempt, with its error)
     data/           the materialized ShardedDataset (when fit materialized the DataFrame)
     model/          state_dict.pt (weights_only), model.json, architecture.pkl (when pickled)
     metrics/        Parquet rows (epoch, step, split, name, value, wall_time)
+    checkpoints/    step-<N>/{state.pt, checkpoint.json}: see sparkdl.train.checkpoint
     plots/          PNG plots of the metrics (when matplotlib is installed)
 
 run.json is rewritten atomically at each status change; a run whose status is not
@@ -56,19 +58,35 @@ class RunDirectory:
     def sub(self, name: str) -> str:
         return os.path.join(self.path, name)
 
-    def prepare(self, *, overwrite: bool) -> None:
-        """Create the directory; refuse a non-empty one unless ``overwrite`` (then clear it)."""
+    def prepare(self, *, overwrite: bool, resume: bool = False) -> bool:
+        """Create the directory; refuse a non-empty one unless ``overwrite`` (then clear it) or
+        ``resume`` (then keep it, when it holds a sparkdl run). True when resuming a run."""
+        if overwrite and resume:
+            raise ConfigError(
+                "overwrite and resume must not both be set, got both True. Pass resume=True to "
+                "continue the run in run_dir, or overwrite=True to start it again"
+            )
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ConfigError(
                 f"run_dir must be a directory, got the file {self.path!r}. Pick another path"
             )
+        resuming = False
         if os.path.isdir(self.path) and os.listdir(self.path):
-            if not overwrite:
+            if resume and os.path.isfile(self.sub(RUN_FILE)):
+                resuming = True
+            elif resume:
+                raise ConfigError(
+                    f"run_dir must hold a sparkdl run (run.json) to resume, got {self.path!r} "
+                    "without one. Choose the run's directory, or an empty one"
+                )
+            elif not overwrite:
                 raise ConfigError(
                     f"run_dir must be empty or new, got the existing directory {self.path!r}. "
-                    "Pass overwrite=True to replace it, or choose another run_dir"
+                    "Pass resume=True to continue the run in it, overwrite=True to replace it, "
+                    "or choose another run_dir"
                 )
-            shutil.rmtree(self.path)
+            else:
+                shutil.rmtree(self.path)
         try:
             os.makedirs(self.path, exist_ok=True)
             probe = self.sub(".sparkdl-write-probe")
@@ -80,18 +98,41 @@ class RunDirectory:
                 f"run_dir must be writable, got {self.path!r} ({exc.strerror}). "
                 "Choose a directory you can write to"
             ) from exc
+        if resuming:
+            try:
+                self._record = self.summary()
+            except (OSError, ValueError):
+                self._record = {}
+        return resuming
+
+    @property
+    def next_attempt(self) -> int:
+        """The attempt number a new launch gets (attempts count up across resumed fits)."""
+        return len(self._record.get("attempts", []))
 
     def start(self, config: dict[str, Any], world_size: int) -> None:
-        """Record the run as running."""
+        """Record the run as running (a resumed run keeps its earlier attempts)."""
+        earlier = self._record.get("attempts", [])
         self._record = {
             "status": "running",
             "run_dir": self.path,
             "config": config,
             "versions": package_versions(),
             "world_size": world_size,
-            "started_at": time.time(),
+            "started_at": self._record.get("started_at", time.time()),
             "timings": {},
+            "attempts": earlier,
         }
+        if earlier:
+            self._record["resumed_at"] = time.time()
+        self._write()
+
+    def record_attempt(self, attempt: int, error: BaseException | None) -> None:
+        """Record how launch attempt ``attempt`` ended (None: it succeeded)."""
+        entry: dict[str, Any] = {"attempt": attempt, "ended_at": time.time()}
+        if error is not None:
+            entry["error"] = {"type": type(error).__name__, "message": str(error)[:4000]}
+        self._record.setdefault("attempts", []).append(entry)
         self._write()
 
     def finish(

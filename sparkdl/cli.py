@@ -18,7 +18,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["DEFAULTS", "load_config", "parse_args", "spark_session_for_job"]
+__all__ = ["DEFAULTS", "RUN_MODES", "load_config", "parse_args", "spark_session_for_job"]
+
+RUN_MODES = ("error", "overwrite", "resume")
+"""run.mode: refuse an existing run_dir, replace it, or continue the run in it."""
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "spark": {"master": "local[2]", "app_name": "sparkdl"},
@@ -46,6 +49,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "log_every_steps": 50,
         "collective_timeout_s": 120.0,
         "reader": "pyarrow",
+        "max_restarts": 3,
+        "checkpoint_every_steps": 0,
+        "checkpoint_every_epochs": 1,
+        "keep_last": 2,
+        "on_invalid": "error",
     },
     "run": {"run_dir": "runs/run", "mode": "error"},
 }
@@ -103,9 +111,9 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> dict[str, An
             cursor = cursor.setdefault(part, {})
         cursor[leaf] = _parse_value(text.strip())
         _merge(config, nested, "")
-    if config["run"]["mode"] not in ("error", "overwrite"):
+    if config["run"]["mode"] not in RUN_MODES:
         raise ConfigError(
-            f"run.mode must be 'error' or 'overwrite', got {config['run']['mode']!r}. Pick one"
+            f"run.mode must be one of {RUN_MODES}, got {config['run']['mode']!r}. Pick one"
         )
     return config
 

@@ -28,6 +28,8 @@ __all__ = [
     "FSDPOptions",
     "STRATEGY_OPTIONS",
     "CheckpointConfig",
+    "FaultInjection",
+    "FAULT_MODES",
     "TrainSpec",
     "resolve_import_path",
 ]
@@ -37,6 +39,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
 STRATEGIES = ("allreduce", "local_sgd", "parameter_server", "fsdp")
 READERS = ("pyarrow", "petastorm")
 COMPRESSIONS = ("fp16", "bf16", "powersgd")
+FAULT_MODES = ("exit", "sigkill", "raise", "hang")
 
 
 def _fail(field_name: str, constraint: str, value: Any, fix: str) -> ConfigError:
@@ -364,12 +367,68 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         _positive_int(
-            "checkpoint every_epochs", self.every_epochs, "Use 0 to disable", allow_zero=True
+            "checkpoint_every_epochs", self.every_epochs, "Use 0 to disable", allow_zero=True
         )
         _positive_int(
-            "checkpoint every_steps", self.every_steps, "Use 0 to disable", allow_zero=True
+            "checkpoint_every_steps", self.every_steps, "Use 0 to disable", allow_zero=True
         )
         _positive_int("keep_last", self.keep_last, "Keep at least one checkpoint")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultInjection:
+    """A deliberate failure for tests: rank ``rank`` fails inside global step ``step`` (counted
+    from 1, after the forward pass, before backward) on launch attempt ``attempt`` only.
+
+    It travels in TrainSpec (never through an environment variable), so it reaches the
+    workers exactly like the rest of the run's configuration.
+    """
+
+    rank: int = 0
+    """The rank that fails."""
+    step: int = 1
+    """Global step (1-based) inside which it fails."""
+    attempt: int = 0
+    """Launch attempt on which it fails (0: the first); restarts count up from there."""
+    mode: str = "exit"
+    """"exit": os._exit(1); "sigkill": SIGKILL to itself; "raise": RuntimeError; "hang": sleep
+    forever (the peers' collective timeout must end the group)."""
+
+    def __post_init__(self) -> None:
+        _positive_int("fault_injection rank", self.rank, "Use 0 for the chief", allow_zero=True)
+        _positive_int("fault_injection step", self.step, "Steps count from 1")
+        _positive_int("fault_injection attempt", self.attempt, "Use 0", allow_zero=True)
+        if self.mode not in FAULT_MODES:
+            raise _fail("fault_injection mode", f"one of {FAULT_MODES}", self.mode, "Pick one")
+
+    @classmethod
+    def coerce(cls, value: Any) -> tuple[FaultInjection, ...]:
+        """None, a FaultInjection, a dict of its fields, or a list of those → a tuple."""
+        if value is None:
+            return ()
+        items = value if isinstance(value, (list, tuple)) else [value]
+        faults = []
+        for item in items:
+            if isinstance(item, cls):
+                faults.append(item)
+            elif isinstance(item, Mapping):
+                try:
+                    faults.append(cls(**dict(item)))
+                except TypeError as exc:
+                    raise _fail(
+                        "fault_injection",
+                        "a dict with keys rank, step, attempt, mode",
+                        dict(item),
+                        "Remove unknown keys",
+                    ) from exc
+            else:
+                raise _fail(
+                    "fault_injection",
+                    "None, a FaultInjection, a dict or a list of them",
+                    item,
+                    'Pass e.g. {"rank": 1, "step": 5, "mode": "exit"}',
+                )
+        return tuple(faults)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -384,6 +443,8 @@ class TrainSpec:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: tuple[FaultInjection, ...] = ()
+    """Deliberate failures for tests (see FaultInjection); empty in real runs."""
 
     def __post_init__(self) -> None:
         for name, value in (("dataset_path", self.dataset_path), ("run_dir", self.run_dir)):

@@ -19,6 +19,11 @@ __all__ = [
     "CheckpointError",
     "RankFailure",
     "WorkerGroupError",
+    "WorkerConfigError",
+    "WorkerDataError",
+    "WorkerCheckpointError",
+    "PeerLostError",
+    "promote",
 ]
 
 
@@ -92,6 +97,8 @@ class WorkerGroupError(SparkdlError):
         lines = [f"{len(self.failures)} rank(s) failed:"]
         for f in self.failures:
             lines.append(f"  rank {f.rank}: {f.exc_type}: {f.message}")
+        if self.detail:
+            lines.append(f"  ({self.detail})")
         first = self.failures[0]
         lines.append(f"original traceback of rank {first.rank}:\n{first.traceback}")
         return "\n".join(lines)
@@ -102,3 +109,45 @@ class WorkerGroupError(SparkdlError):
 
     def __reduce__(self):  # keep the failures when pickled
         return (type(self), (self.failures, self.detail))
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed on this rank because another rank died, hung or left the group.
+
+    A secondary failure: the rank that really failed reports its own error, or (killed or hung)
+    none at all; this one says where the survivors were when they noticed.
+    """
+
+
+class WorkerConfigError(WorkerGroupError, ConfigError):
+    """A worker raised ConfigError (e.g. the model factory raised): a WorkerGroupError that is also
+    a ConfigError. Deterministic, so the driver does not restart the group for it."""
+
+
+class WorkerDataError(WorkerGroupError, DataError):
+    """A worker raised DataError (unreadable shard, loss turned NaN): also a DataError."""
+
+
+class WorkerCheckpointError(WorkerGroupError, CheckpointError):
+    """A worker raised CheckpointError (no checkpoint could be written or read)."""
+
+
+_PROMOTIONS: tuple[tuple[str, type[WorkerGroupError]], ...] = (
+    ("ConfigError", WorkerConfigError),
+    ("DataError", WorkerDataError),
+    ("CheckpointError", WorkerCheckpointError),
+)
+
+
+def promote(error: WorkerGroupError) -> WorkerGroupError:
+    """``error`` as WorkerConfigError/WorkerDataError/WorkerCheckpointError when a rank raised one
+    of sparkdl's deterministic errors (retrying would fail the same way); else ``error`` itself."""
+    if type(error) is not WorkerGroupError:
+        return error
+    kinds = {f.exc_type for f in error.failures}
+    for name, cls in _PROMOTIONS:
+        if name in kinds:
+            first = [f for f in error.failures if f.exc_type == name]
+            rest = [f for f in error.failures if f.exc_type != name]
+            return cls(first + rest, error.detail)
+    return error

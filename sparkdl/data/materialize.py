@@ -41,11 +41,12 @@ from sparkdl.errors import ConfigError, DataError
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
-__all__ = ["materialize", "MODES", "default_row_group_rows"]
+__all__ = ["materialize", "MODES", "ON_INVALID", "check_on_invalid", "default_row_group_rows"]
 
 log = logging.getLogger("sparkdl")
 
 MODES = ("error", "overwrite", "reuse")
+ON_INVALID = ("error", "skip")
 _MAX_ROW_GROUP_ROWS = 1 << 16
 _ROW_GROUPS_PER_SHARD = 8
 _U64 = np.uint64
@@ -88,6 +89,7 @@ def materialize(
     validation_fraction: float = 0.0,
     replicas: int = 1,
     row_group_rows: int | None = None,
+    on_invalid: str = "error",
 ) -> ShardedDataset:
     """Write ``df`` as ``num_shards`` equal Parquet shards (±1 row) plus a manifest at ``path``.
 
@@ -98,11 +100,15 @@ def materialize(
     same (else ConfigError). ``validation_fraction``: seeded per-row split into "validation".
     ``replicas``: copies of every file (the loader falls back to them). ``row_group_rows``:
     rows per Parquet row group (default: about 1/8 of a shard, at most 65,536).
+    ``on_invalid``: "error" (default) refuses NaN/inf in a feature or the label; "skip" drops
+    those rows (counted and logged as a warning) and materializes the rest.
 
     Raises ConfigError/DataError on the driver, before anything is written, for bad parameters,
     missing or non-numeric columns, nulls, NaN/inf, ragged arrays, an empty DataFrame, fewer
-    rows than shards, or an existing path with mode="error".
+    rows than shards, an unreadable input (e.g. a corrupt Parquet file), or an existing path
+    with mode="error".
     """
+    check_on_invalid(on_invalid)
     params = _check_params(
         feature_cols,
         label_col,
@@ -122,9 +128,12 @@ def materialize(
             f"path must not exist with mode='error', got existing {uri!r}. Pass "
             "mode='overwrite' to replace it, mode='reuse' to reuse it, or choose another path."
         )
-    converted = _convert(df, layout).persist()
+    converted = _convert(df, layout)
+    if on_invalid == "skip":
+        converted = _drop_nonfinite(converted, layout)
+    converted = converted.persist()
     try:
-        scan = _scan(converted, layout, params)
+        scan = _read_input(lambda: _scan(converted, layout, params))
         counts = _check_scan(scan, layout, params)
         plan_hash = _plan_hash(params, layout, converted, scan)
         if exists and mode == "reuse":
@@ -400,7 +409,8 @@ def _check_scan(scan: _Scan, layout: _Layout, params: _Params) -> dict[str, int]
         if s["nonfinite"]:
             raise DataError(
                 f"column {col!r} must hold only finite values, got {s['nonfinite']} NaN/inf "
-                "value(s) (after the cast to float32). Filter or impute them first."
+                "value(s) (after the cast to float32). Filter or impute them first, or pass "
+                "on_invalid='skip' to drop those rows."
             )
     for col, kind in layout.features:
         lengths = scan.stats[col]["lengths"]
@@ -650,3 +660,63 @@ def _build_manifest(
         replicas=params.replicas,
         plan_hash=plan_hash,
     )
+
+
+# --- bad input: on_invalid="skip" and unreadable sources (issue 6) ---------------------------
+
+
+def check_on_invalid(on_invalid: Any) -> str:
+    """``on_invalid`` validated: "error" or "skip"."""
+    if on_invalid not in ON_INVALID:
+        raise ConfigError(
+            f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}. Use 'skip' to drop "
+            "rows with NaN/inf values, 'error' to refuse them."
+        )
+    return str(on_invalid)
+
+
+def _drop_nonfinite(converted: DataFrame, layout: _Layout) -> DataFrame:
+    """Rows whose features and label are all finite; nulls are kept (and refused by the scan).
+
+    Logs how many rows were dropped (one extra count over the converted input).
+    """
+    from pyspark.sql import functions as F
+
+    def finite(c: Any) -> Any:
+        return F.coalesce(~F.isnan(c) & (F.abs(c) != float("inf")), F.lit(True))
+
+    conditions = []
+    for name, kind in (*layout.features, (layout.label_col, "scalar")):
+        col = F.col(_quoted(name))
+        conditions.append(finite(col) if kind == "scalar" else F.forall(col, finite))
+    valid = conditions[0]
+    for condition in conditions[1:]:
+        valid = valid & F.coalesce(condition, F.lit(True))
+    flagged = converted.withColumn("__sparkdl_valid", F.coalesce(valid, F.lit(True)))
+    dropped = _read_input(lambda: flagged.filter(~F.col("__sparkdl_valid")).count())
+    if dropped:
+        log.warning("sparkdl: on_invalid='skip' dropped %d row(s) with NaN/inf values", dropped)
+    return flagged.filter(F.col("__sparkdl_valid")).drop("__sparkdl_valid")
+
+
+def _read_input(job: Any) -> Any:
+    """Run a Spark job over the input; a failure to read it (a corrupt or vanished file) becomes
+    a DataError naming the cause instead of a JVM stack trace."""
+    try:
+        return job()
+    except Exception as exc:
+        if type(exc).__module__.startswith("sparkdl"):
+            raise
+        text = str(exc)
+        causes = [
+            line.strip()
+            for line in text.splitlines()
+            if any(k in line for k in ("Parquet", "parquet", "corrupt", "FileNotFound", "EOF"))
+        ]
+        if not causes:
+            raise
+        raise DataError(
+            "the input DataFrame must be readable, got a failure while scanning it: "
+            f"{causes[0][:500]}. Remove or rewrite the corrupt file (or set "
+            "spark.sql.files.ignoreCorruptFiles=true to skip such files)."
+        ) from None

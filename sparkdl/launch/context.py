@@ -114,7 +114,7 @@ def worker_group(env: WorkerEnv) -> Iterator[WorkerContext]:
         try:
             dist.init_process_group(
                 backend=env.backend,
-                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                store=_store(env),
                 rank=env.rank,
                 world_size=env.world_size,
                 timeout=datetime.timedelta(seconds=env.timeout_s),
@@ -135,6 +135,39 @@ def worker_group(env: WorkerEnv) -> Iterator[WorkerContext]:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _store(env: WorkerEnv) -> Any:
+    """(all ranks) The group's TCPStore; the chief's server listens on ``master_addr`` only.
+
+    torch's own TCPStore server binds every interface; handing it a socket already bound to the
+    chief's task address (the host's Spark address) keeps it off the others.
+    """
+    import socket
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=env.timeout_s)
+    if not env.is_chief:
+        return dist.TCPStore(env.master_addr, env.master_port, env.world_size, False, timeout)
+    family = socket.AF_INET6 if ":" in env.master_addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((env.master_addr, env.master_port))
+        sock.listen(max(128, env.world_size))
+    except OSError:
+        sock.close()
+        raise
+    # detach: the store owns the descriptor from here on (Python must not close it under it)
+    return dist.TCPStore(
+        env.master_addr,
+        env.master_port,
+        env.world_size,
+        True,
+        timeout,
+        master_listen_fd=sock.detach(),
+    )
 
 
 def barrier() -> None:

@@ -220,7 +220,7 @@ def torch_env_vars(env: WorkerEnv) -> Iterator[None]:
 def _is_peer_loss(exc: BaseException) -> bool:
     """Whether an error only reports that another rank went away (a secondary failure)."""
     name = type(exc).__name__
-    if name in ("DistBackendError", "DistNetworkError", "DistStoreError"):
+    if name in ("DistBackendError", "DistNetworkError", "DistStoreError", "PeerLostError"):
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(h in text for h in _PEER_LOSS_HINTS)

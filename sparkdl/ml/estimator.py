@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -16,12 +17,14 @@ from typing import TYPE_CHECKING, Any
 from sparkdl.artifacts import RunDirectory
 from sparkdl.config import (
     CheckpointConfig,
+    FaultInjection,
     ModelSpec,
     OptimConfig,
     SyncConfig,
     TrainSpec,
 )
 from sparkdl.data import ShardedDataset, materialize
+from sparkdl.data.materialize import check_on_invalid
 from sparkdl.errors import ConfigError, DataError
 from sparkdl.ml.inference import predict_dataframe
 from sparkdl.train.components import is_classification
@@ -81,6 +84,13 @@ class TorchEstimator:
         overwrite: bool = False,
         collective_timeout_s: float = 120.0,
         reader: str = "pyarrow",
+        max_restarts: int = 3,
+        resume: bool = False,
+        checkpoint_every_steps: int = 0,
+        checkpoint_every_epochs: int = 1,
+        keep_last: int = 2,
+        on_invalid: str = "error",
+        fault_injection: Any = None,
     ) -> None:
         if isinstance(feature_cols, str) or not feature_cols:
             raise ConfigError(
@@ -113,7 +123,20 @@ class TorchEstimator:
         )
         self.sync = SyncConfig(strategy=strategy, options=strategy_options or {})
         self.sync.check_world_size(num_workers)
-        self.checkpoint = CheckpointConfig()
+        # Reliability (checkpoints, restarts, bad rows, test faults): see README "Reliability".
+        self.checkpoint = CheckpointConfig(
+            every_epochs=checkpoint_every_epochs,
+            every_steps=checkpoint_every_steps,
+            keep_last=keep_last,
+        )
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ConfigError(
+                f"max_restarts must be an integer ≥ 0, got {max_restarts!r}. Use 0 to never restart"
+            )
+        self.max_restarts = max_restarts
+        self.resume = bool(resume)
+        self.on_invalid = check_on_invalid(on_invalid)
+        self.faults = FaultInjection.coerce(fault_injection)
         self.feature_cols = list(feature_cols)
         self.label_col = label_col
         self.run_dir = run_dir
@@ -135,6 +158,9 @@ class TorchEstimator:
             "validation_fraction": self.validation_fraction,
             "optim": {k: _describe(v) for k, v in vars(self.optim).items()},
             "sync": {"strategy": self.sync.strategy, "options": _describe(dict(self.sync.options))},
+            "checkpoint": vars(self.checkpoint),
+            "max_restarts": self.max_restarts,
+            "on_invalid": self.on_invalid,
         }
 
     def _distributor(self, spark: SparkSession) -> Any:
@@ -147,7 +173,9 @@ class TorchEstimator:
             collective_timeout_s=self.collective_timeout_s,
         )
 
-    def _dataset(self, data: DataFrame | ShardedDataset, run: RunDirectory) -> ShardedDataset:
+    def _dataset(
+        self, data: DataFrame | ShardedDataset, run: RunDirectory, resuming: bool = False
+    ) -> ShardedDataset:
         if isinstance(data, ShardedDataset):
             manifest = data.manifest
             if (
@@ -160,21 +188,28 @@ class TorchEstimator:
                     "Use the columns the dataset was materialized with"
                 )
             return data
+        num_shards, mode = self.num_workers, "overwrite"
+        if resuming and os.path.exists(run.sub("data/_sparkdl_manifest.json")):
+            # Resume on the same rows in the same order (whatever num_workers is now); "reuse"
+            # refuses a DataFrame whose content or parameters differ from the run's.
+            num_shards, mode = ShardedDataset.load(run.sub("data")).num_shards, "reuse"
         return materialize(
             data,
             run.sub("data"),
             feature_cols=self.feature_cols,
             label_col=self.label_col,
-            num_shards=self.num_workers,
+            num_shards=num_shards,
             seed=self.optim.seed,
             validation_fraction=self.validation_fraction,
-            mode="overwrite",
+            mode=mode,
+            on_invalid=self.on_invalid,
         )
 
     def fit(self, data: DataFrame | ShardedDataset) -> TorchModel:
         """Train on ``data`` (a DataFrame, or a ShardedDataset already materialized)."""
         from pyspark.sql import SparkSession
 
+        from sparkdl.launch.restarts import run_with_restarts
         from sparkdl.train.worker import train
 
         spark = (
@@ -191,10 +226,10 @@ class TorchEstimator:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         run = RunDirectory(self.run_dir)
-        run.prepare(overwrite=self.overwrite)
+        resuming = run.prepare(overwrite=self.overwrite, resume=self.resume)
         run.start(self.describe(), world_size=self.num_workers)
         try:
-            dataset = self._dataset(data, run)
+            dataset = self._dataset(data, run, resuming)
             timings["materialize_s"] = time.perf_counter() - start
             if dataset.num_rows < self.num_workers:
                 raise DataError(
@@ -208,10 +243,21 @@ class TorchEstimator:
                 optim=self.optim,
                 sync=self.sync,
                 checkpoint=self.checkpoint,
+                faults=self.faults,
             )
             self._write_architecture(run, dataset)
             launched = time.perf_counter()
-            results = distributor.run(train, spec)
+            results, attempt = run_with_restarts(
+                distributor,
+                train,
+                (spec,),
+                run_dir=run.path,
+                max_restarts=self.max_restarts,
+                first_attempt=run.next_attempt,
+                run_token=secrets.token_hex(16),
+                on_failure=run.record_attempt,
+            )
+            run.record_attempt(attempt, None)
             timings["train_s"] = time.perf_counter() - launched
         except BaseException as exc:
             timings["total_s"] = time.perf_counter() - start
@@ -226,6 +272,7 @@ class TorchEstimator:
                 "steps": chief.steps,
                 "samples": sum(r.samples for r in results),
                 "dataset": dataset.path,
+                "resumed_from_step": chief.resumed_from_step,
             },
         )
         module = load_module(run.sub("model"), model=self._rebuild_hint())

@@ -2,12 +2,21 @@
 
 Each flush writes one complete file under ``<run_dir>/metrics`` (temporary name, then rename),
 so ``spark.read.parquet(run_dir + "/metrics")`` never sees a partial file.
+
+Each step appears once, across restarts. A file is named for the highest step of its rows
+(``part-s<step>-a<attempt>-<n>.parquet``), and the chief flushes right before every checkpoint
+commit, so every file's rows lie entirely at or before a checkpoint's step or entirely after it.
+A resumed attempt first deletes the files whose rows lie after the checkpoint it resumes from
+(:meth:`MetricsLog.discard_after`): rows a failed attempt wrote past its last checkpoint are
+written again by the attempt that redoes those steps, never twice.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
+import re
 import time
 
 import pyarrow as pa
@@ -16,6 +25,9 @@ import pyarrow.parquet as pq
 from sparkdl.train.model_io import atomic_write_bytes, local_path
 
 __all__ = ["METRICS_SCHEMA", "MetricsLog"]
+
+log = logging.getLogger("sparkdl")
+_PART_RE = re.compile(r"^part-s(\d+)-")
 
 METRICS_SCHEMA = pa.schema(
     [
@@ -45,7 +57,18 @@ class MetricsLog:
         if self.enabled:
             self._rows.append((epoch, step, split, name, float(value), time.time()))
 
-    def flush(self, tag: str) -> None:
+    def discard_after(self, step: int) -> None:
+        """(chief only) Delete metric files holding rows of steps after ``step`` (a failed
+        attempt's rows past the checkpoint a new attempt resumes from)."""
+        if not self.enabled or not os.path.isdir(self.dir):
+            return
+        for name in sorted(os.listdir(self.dir)):
+            match = _PART_RE.match(name)
+            if match and int(match.group(1)) > step:
+                log.info("sparkdl: discarding metrics %s (after resumed step %d)", name, step)
+                os.remove(os.path.join(self.dir, name))
+
+    def flush(self, tag: str = "") -> None:
         """(chief only) Write the rows recorded since the last flush as one Parquet file."""
         if not self.enabled or not self._rows:
             return
@@ -56,7 +79,9 @@ class MetricsLog:
         )
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
-        name = f"part-{tag}-a{self.attempt:02d}-{self._flushes:05d}.parquet"
+        last = max(row[1] for row in self._rows)
+        suffix = f"-{tag}" if tag else ""
+        name = f"part-s{last:012d}-a{self.attempt:03d}-{self._flushes:05d}{suffix}.parquet"
         atomic_write_bytes(os.path.join(self.dir, name), buffer.getvalue())
         self._flushes += 1
         self._rows.clear()

@@ -116,6 +116,12 @@ def load_module(model_dir: str, *, trust_pickle: bool = False, model: Any = None
             )
         with open(arch, "rb") as fh:
             module = pickle.load(fh).build()  # noqa: S301 - explicit trust flag
-    state = torch.load(os.path.join(root, STATE_FILE), map_location="cpu", weights_only=True)
+    weights = os.path.join(root, STATE_FILE)
+    if not os.path.exists(weights):
+        raise CheckpointError(
+            f"{weights} must exist, got a model directory without weights: the run that wrote "
+            f"{model_dir} did not finish (see run.json). Resume it, or train again"
+        )
+    state = torch.load(weights, map_location="cpu", weights_only=True)
     module.load_state_dict(state)
     return module

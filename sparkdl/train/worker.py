@@ -1,10 +1,17 @@
 """[worker] run_worker(spec, env): the training loop, top to bottom.
 
-Setup → for each epoch: for each step: batch, forward, backward, sync + step, maybe report →
-synchronize → epoch metrics (and validation) → teardown: the chief writes the model. Pure torch:
-runs in a Spark barrier task, a local process, or a unit test alike. How ranks synchronize is
-the strategy's business (sparkdl.sync), reached through the same ``Prepared`` object that
+Setup → resume (every rank loads the latest complete checkpoint, if any) → for each epoch: for
+each step: batch, forward, backward, sync, step, maybe report, maybe checkpoint → epoch metrics
+(and validation), maybe checkpoint → teardown: the chief writes the model. Pure torch: runs in
+a Spark barrier task, a local process, or a unit test alike. How ranks synchronize is the
+strategy's business (sparkdl.sync), reached through the same ``Prepared`` object that
 ``sparkdl.sync.prepare`` gives users of their own loop.
+
+A resumed run continues at the checkpoint's step and data position with the same model,
+optimizer and RNG states, so with the same world size its final parameters equal those of an
+uninterrupted run. Running totals (the epoch's loss sum, samples) are summed over ranks when a
+checkpoint is taken and handed back to the chief on resume, so epoch metrics and the result's
+sample count cover the whole run, not just the last attempt.
 """
 
 from __future__ import annotations
@@ -12,17 +19,20 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from sparkdl.config import TrainSpec
 from sparkdl.data.loader import ShardedDataset
-from sparkdl.errors import DataError
+from sparkdl.errors import DataError, PeerLostError
 from sparkdl.launch.context import WorkerEnv, get_context
 from sparkdl.sync import SyncStrategy
 from sparkdl.sync.prepare import prepare_config
+from sparkdl.train.checkpoint import Checkpointer
 from sparkdl.train.components import build_loss, build_optimizer, is_classification
 from sparkdl.train.metrics import MetricsLog
 from sparkdl.train.model_io import save_state_dict
@@ -44,6 +54,8 @@ class WorkerResult:
     timings: dict[str, float] = field(default_factory=dict)
     model_dir: str | None = None
     comm_bytes: int = 0
+    resumed_from_step: int | None = None
+    """Step of the checkpoint this attempt resumed from (None: it started from scratch)."""
 
 
 def train(spec: TrainSpec) -> WorkerResult:
@@ -112,35 +124,53 @@ class _Trainer:
         self.step = 0
         self.samples = 0
         self.train_seconds = 0.0
+        self.scheduler: Any = None  # an LR scheduler's slot in checkpoints
+        self.checkpointer = Checkpointer(spec.run_dir, spec.checkpoint, env)
+        self.faults = [f for f in spec.faults if f.rank == env.rank and f.attempt == env.attempt]
+        self.tally = _Tally(self.device)
+        self.start_epoch = 0
+        self.resumed_from_step: int | None = None
+        self._position: dict[str, Any] | None = None
+        self.epoch = 0
 
     def train_epoch(self, epoch: int) -> None:
         """(all ranks) One pass over this rank's rows; the same number of steps on every rank."""
         self.model.train()
-        self.loader.set_epoch(epoch)
+        self.epoch = epoch
+        if self._position is not None:  # the epoch a checkpoint interrupted: continue inside it
+            self.loader.load_state_dict(self._position)
+            self._position = None
+        else:
+            self.loader.set_epoch(epoch)
+            self.tally.reset()
         every = self.spec.optim.log_every_steps
-        # Losses accumulate on the device; reading them back (a sync on GPU) happens per window.
-        window = torch.zeros((), dtype=torch.float64, device=self.device)
-        epoch_loss, window_steps, epoch_samples = 0.0, 0, 0
+        tally = self.tally
+        consumed = self.loader.state_dict()["batches_consumed"]
+        epoch_samples = 0
         bytes_before = self.strategy.comm_bytes
         start = time.perf_counter()
         for features, labels in self.loader:
             features = features.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             loss = self.loss_fn(self.model(features), labels)
+            self._maybe_fail()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.sync.step()
             self.step += 1
+            consumed += 1
             epoch_samples += labels.shape[0]
-            window += loss.detach().double()
-            window_steps += 1
+            tally.window += loss.detach().double()
+            tally.window_steps += 1
             if every and self.step % every == 0:
-                window_loss = float(window)
-                epoch_loss += window_loss
-                self._report_window(epoch, window_loss, window_steps)
-                window.zero_()
-                window_steps = 0
-        epoch_loss += float(window)
+                window_loss = float(tally.window)
+                tally.loss_sum += window_loss
+                self._report_window(epoch, window_loss, tally.window_steps)
+                tally.window.zero_()
+                tally.window_steps = 0
+            if self.checkpointer.due_in_epoch(self.step, consumed == self.steps_per_epoch):
+                self.save_checkpoint(epoch, self.loader.state_dict(), samples=epoch_samples)
+        epoch_loss = tally.loss_sum + float(tally.window)
         # Replicas that drifted apart (local SGD) or lag the servers meet the model of record.
         self.strategy.synchronize()
         seconds = time.perf_counter() - start
@@ -166,6 +196,75 @@ class _Trainer:
         )
         for name, value in self.strategy.stats().items():
             self.metrics.record(epoch, self.step, "sync", name, value)
+
+    def _maybe_fail(self) -> None:
+        """Fire a configured FaultInjection inside the step in progress (tests only)."""
+        for fault in self.faults:
+            if fault.step == self.step + 1:
+                _inject(fault)
+
+    def end_epoch(self, epoch: int) -> None:
+        """(all ranks) Checkpoint when due (the chief flushes the epoch's metrics first)."""
+        if self.checkpointer.due_at_epoch_end(epoch, self.step):
+            position = self.loader.state_dict()
+            position.update(epoch=epoch + 1, batches_consumed=0)
+            self.tally.reset()
+            self.save_checkpoint(epoch, position, samples=0)
+        else:
+            self.metrics.flush()
+
+    def _stateful(self) -> dict[str, Any]:
+        return {
+            "model": self.strategy.module_to_save(),
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+        }
+
+    def save_checkpoint(self, epoch: int, position: dict[str, Any], samples: int) -> None:
+        """(all ranks) Sum the running totals over ranks; the chief flushes metrics and commits."""
+        t = self.tally
+        sums = _all_reduce_sum(
+            [t.loss_sum, float(t.window), float(t.window_steps), float(self.samples + samples)],
+            self.env,
+        )
+        totals = dict(zip(("loss_sum", "window", "window_steps", "samples"), sums))
+        totals["latest"] = dict(self.metrics.latest)  # type: ignore[assignment]
+        self.checkpointer.save(
+            step=self.step,
+            epoch=epoch,
+            position=position,
+            totals=totals,
+            modules=self._stateful(),
+            before_commit=self.metrics.flush,
+        )
+
+    def resume(self) -> None:
+        """(all ranks) Continue from the latest complete checkpoint, when there is one.
+
+        The chief first drops metric files a failed attempt wrote after that checkpoint.
+        """
+        loaded = self.checkpointer.restore()
+        self.metrics.discard_after(loaded.info.step if loaded else 0)
+        if loaded is None:
+            return
+        self.checkpointer.apply_states(loaded, self._stateful(), self.spec.optim.seed)
+        meta = loaded.info.meta
+        self.step = self.resumed_from_step = loaded.info.step
+        position = dict(meta["position"])
+        self.start_epoch = int(position["epoch"])
+        self._position = position if int(position["batches_consumed"]) > 0 else None
+        totals = meta.get("totals", {})
+        self.metrics.latest.update(totals.get("latest", {}))
+        if self.env.is_chief:  # the group's totals so far; the other ranks add from zero
+            self.tally.restore(totals)
+            self.samples = int(totals.get("samples", 0))
+        log.info(
+            "[rank %d] resumed from the checkpoint at step %d (epoch %d, batch %d)",
+            self.env.rank,
+            self.step,
+            self.start_epoch,
+            int(position["batches_consumed"]),
+        )
 
     def _report_window(self, epoch: int, window_loss: float, window_steps: int) -> None:
         """(all ranks) Cross-rank mean loss of the last window of steps.
@@ -242,14 +341,87 @@ class _Trainer:
             timings={"train_seconds": self.train_seconds},
             model_dir=model_dir,
             comm_bytes=self.strategy.comm_bytes,
+            resumed_from_step=self.resumed_from_step,
         )
 
 
+class _Tally:
+    """Running totals of the epoch in progress on this rank; after a resume the chief's also hold
+    the whole group's totals from before the checkpoint (the other ranks' start from zero)."""
+
+    def __init__(self, device: torch.device) -> None:
+        # Losses accumulate on the device; reading them back (a sync on GPU) happens per window.
+        self.window = torch.zeros((), dtype=torch.float64, device=device)
+        self.window_steps = 0
+        self.loss_sum = 0.0
+
+    def reset(self) -> None:
+        self.window.zero_()
+        self.window_steps = 0
+        self.loss_sum = 0.0
+
+    def restore(self, totals: dict[str, Any]) -> None:
+        self.window.fill_(float(totals.get("window", 0.0)))
+        self.window_steps = int(totals.get("window_steps", 0))
+        self.loss_sum = float(totals.get("loss_sum", 0.0))
+
+
+def _inject(fault: Any) -> None:
+    """Fail as ``fault`` says: exit, SIGKILL, raise, or hang (sleep until killed)."""
+    what = f"fault injection: rank {fault.rank} at step {fault.step}, attempt {fault.attempt}"
+    log.warning("sparkdl: %s (%s)", what, fault.mode)
+    if fault.mode == "exit":
+        os._exit(1)
+    if fault.mode == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault.mode == "raise":
+        raise RuntimeError(what)
+    while True:  # "hang": only the group's teardown ends this process
+        time.sleep(3600)
+
+
+_COLLECTIVE_ERRORS = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")
+_COLLECTIVE_HINTS = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "timed out",
+    "nccl communicator was aborted",
+)
+
+
+def _peer_lost(exc: BaseException, trainer: _Trainer) -> BaseException:
+    """A failed collective → PeerLostError saying where this rank was and what bound applied."""
+    name = type(exc).__name__
+    text = str(exc).lower()
+    if name not in _COLLECTIVE_ERRORS and not (
+        isinstance(exc, RuntimeError) and any(h in text for h in _COLLECTIVE_HINTS)
+    ):
+        return exc
+    return PeerLostError(
+        f"rank {trainer.env.rank} of {trainer.env.world_size} lost its group at epoch "
+        f"{trainer.epoch}, step {trainer.step}: a collective did not complete within "
+        f"collective_timeout_s={trainer.env.timeout_s:g} s, or a peer closed its connection "
+        f"(another rank died, hung or failed; its own error, if it reported one, comes "
+        f"first). {name}: {str(exc).strip()[:500]}"
+    )
+
+
 def run_worker(spec: TrainSpec, env: WorkerEnv) -> WorkerResult:
-    """(all ranks) Train ``spec`` as rank ``env.rank`` of ``env.world_size``; returns a small record."""
+    """(all ranks) Train ``spec`` as rank ``env.rank`` of ``env.world_size``; returns a small record.
+
+    Resumes from the latest complete checkpoint under ``spec.run_dir`` when there is one.
+    """
     trainer = _Trainer(spec, env)
-    for epoch in range(spec.optim.epochs):
-        trainer.train_epoch(epoch)
-        trainer.evaluate(epoch)
-        trainer.metrics.flush(f"e{epoch:05d}")
+    try:
+        trainer.resume()
+        for epoch in range(trainer.start_epoch, spec.optim.epochs):
+            trainer.train_epoch(epoch)
+            trainer.evaluate(epoch)
+            trainer.end_epoch(epoch)
+    except Exception as exc:
+        lost = _peer_lost(exc, trainer)
+        if lost is exc:
+            raise
+        raise lost from exc
     return trainer.finish()
