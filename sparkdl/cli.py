@@ -45,6 +45,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "strategy_options": {},
         "log_every_steps": 50,
         "collective_timeout_s": 120.0,
+        "progress": True,
     },
     "run": {"run_dir": "runs/run", "mode": "error"},
 }

@@ -23,6 +23,8 @@ from sparkdl.config import (
 )
 from sparkdl.data import ShardedDataset, materialize
 from sparkdl.errors import ConfigError, DataError
+from sparkdl.launch.launcher import job_description, spark_job_phase
+from sparkdl.launch.progress import RunMonitor
 from sparkdl.ml.inference import predict_dataframe
 from sparkdl.train.components import is_classification
 from sparkdl.train.model_io import ARCH_FILE, load_module, write_model_json
@@ -77,6 +79,7 @@ class TorchEstimator:
         log_every_steps: int = 50,
         overwrite: bool = False,
         collective_timeout_s: float = 120.0,
+        progress: bool = True,
     ) -> None:
         if isinstance(feature_cols, str) or not feature_cols:
             raise ConfigError(
@@ -116,6 +119,7 @@ class TorchEstimator:
         self.validation_fraction = validation_fraction
         self.overwrite = overwrite
         self.collective_timeout_s = collective_timeout_s
+        self.progress = progress
 
     def describe(self) -> dict[str, Any]:
         """The estimator's settings as JSON-friendly data (recorded in run.json)."""
@@ -187,8 +191,10 @@ class TorchEstimator:
         run = RunDirectory(self.run_dir)
         run.prepare(overwrite=self.overwrite)
         run.start(self.describe(), world_size=self.num_workers)
+        run_name = os.path.basename(run.path.rstrip(os.sep)) or "run"
         try:
-            dataset = self._dataset(data, run)
+            with spark_job_phase(spark.sparkContext, job_description(run_name, "materialize")):
+                dataset = self._dataset(data, run)
             timings["materialize_s"] = time.perf_counter() - start
             if dataset.num_rows < self.num_workers:
                 raise DataError(
@@ -205,7 +211,14 @@ class TorchEstimator:
             )
             self._write_architecture(run, dataset)
             launched = time.perf_counter()
-            results = distributor.run(train, spec)
+            # Workers' log lines and progress come to the driver: shown live, kept in logs/.
+            monitor = RunMonitor(log_dir=run.sub("logs"), progress=self.progress, name=run_name)
+            results = distributor.launch(
+                train,
+                (spec,),
+                name=job_description(run_name, "train", f"{self.num_workers} workers"),
+                monitor=monitor,
+            )
             timings["train_s"] = time.perf_counter() - launched
         except BaseException as exc:
             timings["total_s"] = time.perf_counter() - start
