@@ -1,0 +1,283 @@
+"""Benchmarks, one subcommand each: ``python jobs/benchmark.py [loader|launch|train|sync|inference|all]``.
+
+``loader``: builds N rows × 16 float features + int label with Spark, materializes them, then
+times (each in a fresh process, so peak RSS is that reader's alone) the sparkdl loader shuffled
+and unshuffled, pyarrow ``read_table`` of the same files and pyarrow ``iter_batches`` → torch,
+and writes the "Loader" section of BENCHMARKS.md. ``launch`` and ``train`` live in
+``jobs/bench_driver.py`` (they also merge their numbers into BENCHMARKS.json). ``all`` runs
+every registered benchmark with its defaults, in ``ALL`` order.
+Add a benchmark: write ``add_xxx(subparsers)`` that registers a subcommand with ``func=...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench_driver import add_launch, add_train  # noqa: E402  (jobs/ is the script's directory)
+
+FEATURES = 16
+
+
+def build_dataset(rows: int, root: str) -> str:
+    """Materialize ``rows`` synthetic rows at ``root/rows_<n>`` once; later runs reuse it."""
+    from sparkdl.data import ShardedDataset, materialize
+    from sparkdl.errors import DataError
+    from sparkdl.testing import local_spark_session
+
+    path = os.path.join(root, f"rows_{rows}")
+    try:
+        ShardedDataset.load(path)
+        return path
+    except DataError:
+        pass
+    from pyspark.sql import functions as F
+
+    spark = local_spark_session("local[2]", app_name="sparkdl-benchmark")
+    cols = [F.rand(seed=i).cast("float").alias(f"f{i}") for i in range(FEATURES)]
+    df = spark.range(0, rows, numPartitions=8).select(*cols, (F.col("id") % 10).alias("label"))
+    start = time.perf_counter()
+    materialize(
+        df,
+        path,
+        feature_cols=[f"f{i}" for i in range(FEATURES)],
+        label_col="label",
+        num_shards=2,
+        mode="overwrite",
+    )
+    print(f"materialized {rows:,} rows in {time.perf_counter() - start:.1f}s", flush=True)
+    return path
+
+
+def _files(path: str) -> list[str]:
+    from sparkdl.data import ShardedDataset
+
+    ds = ShardedDataset.load(path)
+    return [os.path.join(path, f.path) for f in ds.manifest.files_of("train")]
+
+
+def _read_table(path: str, batch_size: int) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_table(f).num_rows for f in _files(path))
+
+
+def _read_table_torch(path: str, batch_size: int) -> int:
+    """read_table, then the row-major float32 [N, F] tensor a model needs (no shuffle)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    rows = 0
+    for f in _files(path):
+        table = pq.read_table(f)
+        cols = [table.column(i).to_numpy() for i in range(FEATURES)]
+        features = torch.from_numpy(np.ascontiguousarray(np.vstack(cols).T))
+        label = torch.from_numpy(table.column(FEATURES).to_numpy())
+        rows += len(features) + 0 * len(label)
+    return rows
+
+
+def _iter_batches(path: str, batch_size: int) -> int:
+    import pyarrow.parquet as pq
+    import torch
+
+    rows = 0
+    for f in _files(path):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+            cols = [batch.column(i).to_numpy() for i in range(FEATURES)]
+            features = torch.from_numpy(np.stack(cols, axis=1))
+            label = torch.from_numpy(batch.column(FEATURES).to_numpy())
+            rows += len(features) + 0 * len(label)
+    return rows
+
+
+def _sparkdl(shuffle: bool, checksums: bool = False):
+    def run(path: str, batch_size: int) -> int:
+        from sparkdl.data import ShardedDataset
+
+        ds = ShardedDataset.load(path)
+        loader = ds.loader(0, 1, batch_size=batch_size, shuffle=shuffle, verify_checksums=checksums)
+        return sum(len(features) for features, _ in loader)
+
+    return run
+
+
+READERS = {
+    "sparkdl shuffled": _sparkdl(True),
+    "sparkdl unshuffled": _sparkdl(False),
+    "sparkdl shuffled, first open (sha256 verify)": _sparkdl(True, checksums=True),
+    "pyarrow read_table": _read_table,
+    "pyarrow read_table→torch [N, F]": _read_table_torch,
+    "pyarrow iter_batches→torch": _iter_batches,
+}
+
+
+def measure(reader: str, path: str, batch_size: int, repeats: int) -> dict:
+    """(in a child process) best-of-``repeats`` rows/s of one reader, and the process's peak RSS."""
+    import pyarrow.parquet  # noqa: F401  (imports stay out of the timings)
+    import torch  # noqa: F401
+
+    import sparkdl.data  # noqa: F401
+
+    READERS[reader](path, batch_size)  # warm-up: page cache, allocator, lazy imports
+    best = float("inf")
+    rows = 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        rows = READERS[reader](path, batch_size)
+        best = min(best, time.perf_counter() - start)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "reader": reader,
+        "rows": rows,
+        "seconds": best,
+        "rows_per_s": rows / best,
+        "peak_rss_mib": peak_kib / 1024,
+    }
+
+
+def _in_child(reader: str, path: str, batch_size: int, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "loader-measure", reader, path, str(batch_size), str(repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    import pyarrow
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    with open("/proc/meminfo") as f:
+        mem_gib = int(f.readline().split()[1]) / 2**20
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, {platform.system()} "
+        f"{platform.release()}; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"pyarrow {pyarrow.__version__}"
+    )
+
+
+def loader_markdown(results: dict[int, list[dict]], batch_size: int, load: str = "") -> str:
+    lines = [
+        "## Loader",
+        "",
+        f"`python jobs/benchmark.py loader` — {FEATURES} float32 features + int64 label, "
+        f"2 shards, batch {batch_size}, one reader reading every row (world size 1); each reader "
+        "in a fresh process (peak RSS is that process's: torch alone is ~300 MiB), one warm-up "
+        "then best of 3 runs, readers interleaved over 3 rounds; files in the page cache. "
+        "sparkdl rows are `steps × batch` (drop_last). The sha256 line is a fresh dataset "
+        "object each run, so every file is verified on first open.",
+        "",
+        f"Machine: {machine()}.{load}",
+        "",
+        "| rows | reader | rows/s | vs read_table | peak RSS MiB |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for rows, entries in results.items():
+        base = next(e["rows_per_s"] for e in entries if e["reader"] == "pyarrow read_table")
+        for e in entries:
+            lines.append(
+                f"| {rows:,} | {e['reader']} | {e['rows_per_s'] / 1e6:.2f} M | "
+                f"{e['rows_per_s'] / base:.2f}× | {e['peak_rss_mib']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_section(markdown: str, path: str) -> None:
+    """Replace (or append) the section starting with the markdown's first heading."""
+    heading = markdown.splitlines()[0]
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
+    start = text.find(heading + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + markdown
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + markdown + (text[end + 1 :] if end >= 0 else "")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def run_loader(args: argparse.Namespace) -> None:
+    """Readers interleaved over ``--rounds`` rounds, best kept: other load on a shared machine
+    then hits every reader alike instead of whichever ran at the wrong moment."""
+    results: dict[int, list[dict]] = {}
+    loads = [os.getloadavg()[0]]
+    for rows in args.rows:
+        path = build_dataset(rows, args.data_dir)
+        best: dict[str, dict] = {}
+        for _ in range(args.rounds):
+            for reader in READERS:
+                entry = _in_child(reader, path, args.batch_size, args.repeats)
+                print(json.dumps({"rows": rows, **entry}), flush=True)
+                if reader not in best or entry["rows_per_s"] > best[reader]["rows_per_s"]:
+                    best[reader] = entry
+        results[rows] = [best[r] for r in READERS]
+        loads.append(os.getloadavg()[0])
+    load = f" Load average during the run (other jobs share these cores): {min(loads):.1f}–{max(loads):.1f}."
+    markdown = loader_markdown(results, args.batch_size, load)
+    print(markdown)
+    if args.out:
+        write_section(markdown, args.out)
+
+
+def add_loader(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("loader", help="sparkdl loader vs pyarrow readers")
+    p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per process, after a warm-up")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the readers")
+    p.add_argument("--data-dir", default=os.path.join(REPO, "runs", "benchmark-data"))
+    p.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"))
+    p.set_defaults(func=run_loader)
+    m = sub.add_parser("loader-measure", help=argparse.SUPPRESS)
+    m.add_argument("reader")
+    m.add_argument("path")
+    m.add_argument("batch_size", type=int)
+    m.add_argument("repeats", type=int)
+    m.set_defaults(
+        func=lambda a: print(json.dumps(measure(a.reader, a.path, a.batch_size, a.repeats)))
+    )
+
+
+BENCHMARKS = [add_loader, add_launch, add_train]
+ALL = ("loader", "launch", "train", "sync", "inference")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in BENCHMARKS:
+        add(sub)
+    sub.add_parser("all", help="run every benchmark with its defaults")
+    args = parser.parse_args(argv)
+    if args.command == "all":
+        failed = []
+        for name in (n for n in ALL if n in sub.choices):
+            try:
+                main([name])
+            except Exception as exc:  # one broken benchmark does not hide the others' numbers
+                print(f"benchmark {name} failed: {type(exc).__name__}: {exc}", flush=True)
+                failed.append(name)
+        if failed:
+            sys.exit(f"failed benchmarks: {', '.join(failed)}")
+        return
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
