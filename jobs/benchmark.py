@@ -1,4 +1,4 @@
-"""Benchmarks, one subcommand each: ``python jobs/benchmark.py loader [--rows N] ...``.
+"""Benchmarks, one subcommand each: ``python jobs/benchmark.py [loader|launch|train|sync|inference|all]``.
 
 ``loader``: builds N rows × 16 float features + int label with Spark, materializes them, then
 times (each in a fresh process, so peak RSS is that reader's alone) the sparkdl loader shuffled
@@ -24,6 +24,8 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from bench_driver import add_launch, add_train  # noqa: E402  (jobs/ is the script's directory)
 
 FEATURES = 16
 
@@ -341,7 +343,8 @@ def add_loader(sub: argparse._SubParsersAction) -> None:
     )
 
 
-BENCHMARKS = [add_loader]
+BENCHMARKS = [add_loader, add_launch, add_train]
+ALL = ("loader", "launch", "train", "sync", "inference")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -352,8 +355,15 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("all", help="run every benchmark with its defaults")
     args = parser.parse_args(argv)
     if args.command == "all":
-        for name in ("loader",):
-            main([name])
+        failed = []
+        for name in (n for n in ALL if n in sub.choices):
+            try:
+                main([name])
+            except Exception as exc:  # one broken benchmark does not hide the others' numbers
+                print(f"benchmark {name} failed: {type(exc).__name__}: {exc}", flush=True)
+                failed.append(name)
+        if failed:
+            sys.exit(f"failed benchmarks: {', '.join(failed)}")
         return
     args.func(args)
 

@@ -6,12 +6,14 @@ python jobs/train.py --config jobs/configs/digits.toml        # local Spark from
 
 from __future__ import annotations
 
+import os
 import sys
 
 from pyspark.sql import functions as F
 
 import sparkdl
 from sparkdl.cli import load_config, parse_args, spark_session_for_job
+from sparkdl.launch.launcher import job_description, spark_job_phase
 
 
 def read_table(spark, path: str, fmt: str):
@@ -48,16 +50,18 @@ def main(argv=None) -> int:
     if data["test"]:
         test = read_table(spark, data["test"], data["format"])
         scored = model.transform(test)
-        if estimator.optim.loss in ("cross_entropy", "nll"):
-            value = scored.select(
-                F.avg((F.col("prediction") == F.col(data["label_col"])).cast("double"))
-            ).first()[0]
-            print(f"test accuracy: {value:.4f}")
-        else:
-            value = scored.select(
-                F.sqrt(F.avg((F.col("prediction") - F.col(data["label_col"])) ** 2))
-            ).first()[0]
-            print(f"test rmse: {value:.4f}")
+        run_name = os.path.basename(os.path.normpath(model.run_dir))
+        with spark_job_phase(spark.sparkContext, job_description(run_name, "predict")):
+            if estimator.optim.loss in ("cross_entropy", "nll"):
+                value = scored.select(
+                    F.avg((F.col("prediction") == F.col(data["label_col"])).cast("double"))
+                ).first()[0]
+                print(f"test accuracy: {value:.4f}")
+            else:
+                value = scored.select(
+                    F.sqrt(F.avg((F.col("prediction") - F.col(data["label_col"])) ** 2))
+                ).first()[0]
+                print(f"test rmse: {value:.4f}")
     print(f"run directory: {model.run_dir}")
     return 0
 

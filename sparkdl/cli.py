@@ -54,6 +54,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "checkpoint_every_epochs": 1,
         "keep_last": 2,
         "on_invalid": "error",
+        "progress": True,
     },
     "run": {"run_dir": "runs/run", "mode": "error"},
 }

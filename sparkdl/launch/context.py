@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from sparkdl.errors import RendezvousError
+from sparkdl.launch.channel import forward_logs
 
 __all__ = ["WorkerEnv", "WorkerContext", "get_context", "worker_group", "barrier"]
 
@@ -100,8 +101,16 @@ def get_context() -> WorkerContext:
 def worker_group(env: WorkerEnv) -> Iterator[WorkerContext]:
     """(all ranks) Form the process group described by ``env``, expose it via get_context(), tear down.
 
-    With world_size 1 no process group is formed, so every worker piece runs without one.
+    With world_size 1 no process group is formed, so every worker piece runs without one. With
+    a driver channel (``env.channel_addr``), log records and progress go to the driver meanwhile.
     """
+    with forward_logs(env.channel_addr, env.run_token, env.rank):
+        with _process_group(env) as context:
+            yield context
+
+
+@contextmanager
+def _process_group(env: WorkerEnv) -> Iterator[WorkerContext]:
     global _current
     if env.num_threads > 0:
         torch.set_num_threads(env.num_threads)

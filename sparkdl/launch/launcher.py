@@ -10,24 +10,32 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 from sparkdl.errors import ConfigError, RankFailure, RendezvousError, WorkerGroupError
+from sparkdl.launch.channel import ChannelServer
+from sparkdl.launch.progress import RunMonitor
 from sparkdl.launch.rendezvous import LaunchOptions, barrier_task
 
 __all__ = [
     "Distributor",
+    "LOOPBACK",
     "check_dynamic_allocation",
     "check_gpu_conf",
     "check_slots",
     "task_slots",
     "worker_group_error",
+    "job_description",
     "launch_barrier",
+    "spark_job_phase",
 ]
 
 log = logging.getLogger("sparkdl")
@@ -36,6 +44,7 @@ SLOT_WAIT_CAP_S = 30.0
 """Longest wait for executors to register before the slot check gives its verdict."""
 _POLL_S = 0.1
 _BACKENDS = ("gloo", "nccl")
+LOOPBACK = "127.0.0.1"
 
 
 class Distributor:
@@ -50,6 +59,9 @@ class Distributor:
         local_mode: run plain processes on this machine instead of Spark (debugging, tests).
         collective_timeout_s: the process group's timeout; a dead or hung peer fails the group
             within it.
+        channel: open the driver channel for each launch: workers' log lines and progress come
+            to the driver, and the workers meet through it (Spark's allGather waits ≥ 1 s).
+            False: no channel; logs stay on the executors and the workers meet by allGather.
     """
 
     def __init__(
@@ -62,6 +74,7 @@ class Distributor:
         spark: Any = None,
         local_mode: bool = False,
         collective_timeout_s: float = 120,
+        channel: bool = True,
     ) -> None:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ConfigError(
@@ -87,6 +100,7 @@ class Distributor:
         self.spark = spark
         self.local_mode = bool(local_mode)
         self.collective_timeout_s = float(collective_timeout_s)
+        self.channel = bool(channel)
 
     def check(self) -> None:
         """(driver) Run the pre-launch checks now (slots, dynamic allocation, GPUs), launching nothing.
@@ -120,37 +134,76 @@ class Distributor:
         kwargs: dict | None = None,
         *,
         attempt: int = 0,
-        run_token: str = "",
-        channel_addr: str = "",
         extra: dict[str, Any] | None = None,
         name: str | None = None,
+        monitor: RunMonitor | None = None,
     ) -> list[Any]:
-        """Like :meth:`run`, with the launch details a trainer passes: attempt, channel, extra
-        values for WorkerEnv.extra, and ``name`` for the Spark job description."""
+        """Like :meth:`run`, with the launch details a trainer passes: attempt, extra values for
+        WorkerEnv.extra, ``name`` for the Spark job description, and the ``monitor`` that shows
+        what the workers send (default: their log lines, prefixed ``[rank N]``). The launch owns
+        the monitor: it is started before the workers and closed after them."""
         from pyspark import cloudpickle
 
         payload = _pickle_payload(cloudpickle, fn, args, kwargs or {})
+        sc = None if self.local_mode else _spark_context(self.spark)
         options = LaunchOptions(
             num_workers=self.num_workers,
             use_gpu=self.use_gpu,
             backend=self.backend,
             collective_timeout_s=self.collective_timeout_s,
             attempt=attempt,
-            run_token=run_token,
-            channel_addr=channel_addr,
             extra=dict(extra or {}),
         )
-        if self.local_mode:
-            from sparkdl.launch.local import run_local
-
-            pickled = run_local(payload, options, self.timeout_s)
-        else:
-            sc = _spark_context(self.spark)
+        if sc is not None:
             check_launch(sc, options, timeout_s=self.timeout_s)
             options = _with_task_cpus(options, sc)
-            name = name or _run_name(fn, self.num_workers)
-            pickled = launch_barrier(sc, payload, options, name=name, timeout_s=self.timeout_s)
+        monitor = (monitor or RunMonitor(progress=True)).start()
+        try:
+            with _open_channel(self.channel, _driver_host(sc), monitor) as server:
+                if server is not None:
+                    options = replace(options, run_token=server.token, channel_addr=server.address)
+                if sc is None:
+                    from sparkdl.launch.local import run_local
+
+                    pickled = run_local(payload, options, self.timeout_s)
+                else:
+                    name = name or _run_name(fn, self.num_workers)
+                    pickled = launch_barrier(
+                        sc, payload, options, name=name, timeout_s=self.timeout_s
+                    )
+        finally:
+            monitor.close()
         return [cloudpickle.loads(value) for value in pickled]
+
+
+@contextmanager
+def _open_channel(enabled: bool, host: str, monitor: RunMonitor) -> Iterator[ChannelServer | None]:
+    """The launch's driver channel, or None when disabled or it cannot start (best effort)."""
+    server = None
+    if enabled:
+        try:
+            server = ChannelServer(host, monitor.handle)
+        except OSError as exc:
+            log.warning(
+                "cannot open the driver channel on %s (%s); worker logs stay on the executors",
+                host,
+                exc,
+            )
+    try:
+        yield server
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _driver_host(sc: Any) -> str:
+    """The address executors reach the driver at (spark.driver.host); loopback without Spark."""
+    if sc is None:
+        return LOOPBACK
+    try:
+        return str(sc.getConf().get("spark.driver.host") or "") or socket.gethostname()
+    except Exception:
+        return socket.gethostname()
 
 
 def _run_name(fn: Callable, num_workers: int) -> str:
@@ -187,8 +240,6 @@ def _spark_context(spark: Any) -> Any:
 
 
 def _with_task_cpus(options: LaunchOptions, sc: Any) -> LaunchOptions:
-    from dataclasses import replace
-
     try:
         cpus = int(float(sc.getConf().get("spark.task.cpus", "1") or 1))
     except ValueError:
@@ -313,31 +364,51 @@ def check_slots(sc: Any, num_workers: int, *, wait_s: float) -> None:
 # ---------------------------------------------------------------- the barrier stage
 
 
+def job_description(run: str, phase: str, detail: str = "") -> str:
+    """What the Spark UI shows for a phase of a run, e.g. ``sparkdl digits: train (2 workers)``."""
+    return f"sparkdl {run}: {phase}" + (f" ({detail})" if detail else "")
+
+
+@contextmanager
+def spark_job_phase(sc: Any, description: str) -> Iterator[str]:
+    """(driver) Spark jobs started inside belong to a fresh job group named after
+    ``description`` (the Spark UI's job group and description columns); the previous group
+    and description come back after. Yields the group id, e.g. to cancel the group."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", description).strip("-")[:80]
+    group = f"{slug or 'sparkdl'}-{uuid.uuid4().hex[:8]}"
+    saved = {key: sc.getLocalProperty(key) for key in _JOB_PROPERTIES}
+    sc.setJobGroup(group, description, interruptOnCancel=True)
+    try:
+        yield group
+    finally:
+        for key, value in saved.items():
+            sc.setLocalProperty(key, value)
+
+
 def launch_barrier(
     sc: Any, payload: bytes, options: LaunchOptions, *, name: str, timeout_s: float
 ) -> list[bytes]:
-    """Run one barrier stage of ``options.num_workers`` tasks; pickled values in rank order."""
+    """Run one barrier stage of ``options.num_workers`` tasks; pickled values in rank order.
+
+    ``name`` is the Spark job description (see :func:`job_description`).
+    """
     n = options.num_workers
-    group = f"sparkdl-{uuid.uuid4().hex[:12]}"
-    saved = {key: sc.getLocalProperty(key) for key in _JOB_PROPERTIES}
-    sc.setJobGroup(group, name, interruptOnCancel=True)
-    watch = _StartWatch(sc, group, n, timeout_s)
-    watch.start()
-    try:
-        rdd = sc.parallelize(range(n), n).barrier()
-        rows = rdd.mapPartitions(partial(barrier_task, options, payload)).collect()
-    except Exception as exc:
-        if watch.timed_out:
-            raise RendezvousError(
-                f"the {n} barrier tasks must all start within timeout_s={timeout_s:g} s, but "
-                "they did not; the job was cancelled. Free task slots (other running jobs?), "
-                "or raise timeout_s."
-            ) from None
-        raise worker_group_error(exc) from None
-    finally:
-        watch.stop()
-        for key, value in saved.items():
-            sc.setLocalProperty(key, value)
+    with spark_job_phase(sc, name) as group:
+        watch = _StartWatch(sc, group, n, timeout_s)
+        watch.start()
+        try:
+            rdd = sc.parallelize(range(n), n).barrier()
+            rows = rdd.mapPartitions(partial(barrier_task, options, payload)).collect()
+        except Exception as exc:
+            if watch.timed_out:
+                raise RendezvousError(
+                    f"the {n} barrier tasks must all start within timeout_s={timeout_s:g} s, "
+                    "but they did not; the job was cancelled. Free task slots (other running "
+                    "jobs?), or raise timeout_s."
+                ) from None
+            raise worker_group_error(exc) from None
+        finally:
+            watch.stop()
     values = dict(rows)
     return [values[r] for r in range(n)]
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sparkdl.errors import RankFailure, RendezvousError
+from sparkdl.launch.channel import gather as channel_gather
 
 if TYPE_CHECKING:
     from sparkdl.launch.context import WorkerEnv
@@ -174,7 +175,7 @@ def _task_cpus(ctx: Any, options: LaunchOptions) -> int:
 def rendezvous(ctx: Any, options: LaunchOptions) -> WorkerEnv:
     """(all ranks) Meet the other tasks of the barrier stage and describe this rank's place.
 
-    The chief binds port 0 on its task address to pick a free port; one allGather spreads it.
+    The chief binds port 0 on its task address to pick a free port; one gather spreads it.
     Touches neither torch.distributed nor CUDA, so it is testable with fake GPUs on CPU.
     """
     rank = ctx.partitionId()
@@ -183,7 +184,7 @@ def rendezvous(ctx: Any, options: LaunchOptions) -> WorkerEnv:
     gpus = list(resources["gpu"].addresses) if "gpu" in resources else []
     port = free_port(_host_of(addresses[0])) if rank == 0 and len(addresses) > 1 else 0
     message = {"rank": rank, "port": port, "gpus": gpus, "hostname": socket.gethostname()}
-    gathered = [json.loads(m) for m in ctx.allGather(json.dumps(message))]
+    gathered = _all_gather(ctx, options, rank, len(addresses), message)
     return build_worker_env(
         rank=rank,
         task_addresses=addresses,
@@ -192,6 +193,31 @@ def rendezvous(ctx: Any, options: LaunchOptions) -> WorkerEnv:
         cpus=_task_cpus(ctx, options),
         options=options,
     )
+
+
+def _all_gather(ctx: Any, options: LaunchOptions, rank: int, world: int, message: dict) -> list:
+    """(all ranks) Every rank's message, in rank order.
+
+    Through the driver channel when there is one: Spark's ``allGather`` polls its result once a
+    second, so it costs ~1 s of every launch. The driver answers every rank of a stage attempt
+    alike, the gathered messages or "fall back", so either all ranks use the channel or all call
+    ``allGather`` (a channel that fails only for some ranks makes the driver say fall back).
+    A retried stage attempt reuses the key; the driver forgets a completed gather, so it meets
+    afresh.
+    """
+    if world > 1 and options.channel_addr:
+        key = str(ctx.stageId())
+        gathered = channel_gather(
+            options.channel_addr,
+            options.run_token,
+            key=key,
+            rank=rank,
+            world=world,
+            message=message,
+        )
+        if gathered is not None:
+            return gathered
+    return [json.loads(m) for m in ctx.allGather(json.dumps(message))]
 
 
 @contextmanager

@@ -42,14 +42,15 @@ def run_with_restarts(
     run_dir: str,
     max_restarts: int,
     first_attempt: int = 0,
-    run_token: str = "",
+    make_monitor: Callable[[], Any] | None = None,
     on_failure: Callable[[int, WorkerGroupError], None] | None = None,
     name: str | None = None,
 ) -> tuple[list[Any], int]:
     """(driver) ``distributor.launch(fn, args)`` until it succeeds or restarts run out.
 
     Returns the ranks' results and the attempt that produced them. ``on_failure(attempt,
-    error)`` is called for every failed attempt (e.g. to record it in run.json).
+    error)`` is called for every failed attempt (e.g. to record it in run.json);
+    ``make_monitor()`` gives each attempt a fresh driver-side monitor (the launch owns it).
     """
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
         from sparkdl.errors import ConfigError
@@ -64,9 +65,8 @@ def run_with_restarts(
         if tries:
             _wait_for_slots(distributor)
         try:
-            results = distributor.launch(
-                fn, args, {}, attempt=attempt, run_token=run_token, name=name
-            )
+            monitor = make_monitor() if make_monitor is not None else None
+            results = distributor.launch(fn, args, {}, attempt=attempt, name=name, monitor=monitor)
             return results, attempt
         except WorkerGroupError as exc:
             error = promote(exc)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,8 @@ from sparkdl.config import (
 from sparkdl.data import ShardedDataset, materialize
 from sparkdl.data.materialize import check_on_invalid
 from sparkdl.errors import ConfigError, DataError
+from sparkdl.launch.launcher import job_description, spark_job_phase
+from sparkdl.launch.progress import RunMonitor
 from sparkdl.ml.inference import predict_dataframe
 from sparkdl.train.components import is_classification
 from sparkdl.train.model_io import ARCH_FILE, load_module, write_model_json
@@ -91,6 +92,7 @@ class TorchEstimator:
         keep_last: int = 2,
         on_invalid: str = "error",
         fault_injection: Any = None,
+        progress: bool = True,
     ) -> None:
         if isinstance(feature_cols, str) or not feature_cols:
             raise ConfigError(
@@ -145,6 +147,7 @@ class TorchEstimator:
         self.validation_fraction = validation_fraction
         self.overwrite = overwrite
         self.collective_timeout_s = collective_timeout_s
+        self.progress = progress
 
     def describe(self) -> dict[str, Any]:
         """The estimator's settings as JSON-friendly data (recorded in run.json)."""
@@ -228,8 +231,10 @@ class TorchEstimator:
         run = RunDirectory(self.run_dir)
         resuming = run.prepare(overwrite=self.overwrite, resume=self.resume)
         run.start(self.describe(), world_size=self.num_workers)
+        run_name = os.path.basename(run.path.rstrip(os.sep)) or "run"
         try:
-            dataset = self._dataset(data, run, resuming)
+            with spark_job_phase(spark.sparkContext, job_description(run_name, "materialize")):
+                dataset = self._dataset(data, run, resuming)
             timings["materialize_s"] = time.perf_counter() - start
             if dataset.num_rows < self.num_workers:
                 raise DataError(
@@ -247,6 +252,7 @@ class TorchEstimator:
             )
             self._write_architecture(run, dataset)
             launched = time.perf_counter()
+            # Workers' log lines and progress come to the driver: shown live, kept in logs/.
             results, attempt = run_with_restarts(
                 distributor,
                 train,
@@ -254,8 +260,11 @@ class TorchEstimator:
                 run_dir=run.path,
                 max_restarts=self.max_restarts,
                 first_attempt=run.next_attempt,
-                run_token=secrets.token_hex(16),
                 on_failure=run.record_attempt,
+                name=job_description(run_name, "train", f"{self.num_workers} workers"),
+                make_monitor=lambda: RunMonitor(
+                    log_dir=run.sub("logs"), progress=self.progress, name=run_name
+                ),
             )
             run.record_attempt(attempt, None)
             timings["train_s"] = time.perf_counter() - launched

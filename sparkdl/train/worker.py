@@ -29,6 +29,7 @@ import torch
 from sparkdl.config import TrainSpec
 from sparkdl.data.loader import ShardedDataset
 from sparkdl.errors import DataError, PeerLostError
+from sparkdl.launch.channel import report_progress
 from sparkdl.launch.context import WorkerEnv, get_context
 from sparkdl.sync import SyncStrategy
 from sparkdl.sync.prepare import prepare_config
@@ -40,6 +41,9 @@ from sparkdl.train.model_io import save_state_dict
 __all__ = ["WorkerResult", "run_worker", "train"]
 
 log = logging.getLogger("sparkdl")
+
+PROGRESS_INTERVAL_S = 0.5
+"""Least time between two progress reports the chief sends to the driver."""
 
 
 @dataclass
@@ -132,6 +136,17 @@ class _Trainer:
         self.resumed_from_step: int | None = None
         self._position: dict[str, Any] | None = None
         self.epoch = 0
+        self.last_loss: float | None = None
+        self._progress_at = 0.0
+        log.info(
+            "rank %d of %d on %s: %d steps per epoch of batch %d, %d epochs",
+            env.rank,
+            env.world_size,
+            env.device,
+            self.steps_per_epoch,
+            spec.optim.batch_size,
+            spec.optim.epochs,
+        )
 
     def train_epoch(self, epoch: int) -> None:
         """(all ranks) One pass over this rank's rows; the same number of steps on every rank."""
@@ -170,10 +185,17 @@ class _Trainer:
                 tally.window_steps = 0
             if self.checkpointer.due_in_epoch(self.step, consumed == self.steps_per_epoch):
                 self.save_checkpoint(epoch, self.loader.state_dict(), samples=epoch_samples)
+            self._report_progress(epoch, epoch_samples * self.env.world_size, start)
         epoch_loss = tally.loss_sum + float(tally.window)
         # Replicas that drifted apart (local SGD) or lag the servers meet the model of record.
         self.strategy.synchronize()
         seconds = time.perf_counter() - start
+        log.info(
+            "epoch %d done: local loss %.5f, %.0f samples/s on this rank",
+            epoch,
+            epoch_loss / max(self.steps_per_epoch, 1),
+            epoch_samples / max(seconds, 1e-9),
+        )
         self.train_seconds += seconds
         self.samples += epoch_samples
         epoch_bytes = float(self.strategy.comm_bytes - bytes_before)
@@ -186,6 +208,8 @@ class _Trainer:
         )
         mean_loss = total_loss / max(total_steps, 1)
         self._check_finite(mean_loss, epoch)
+        self.last_loss = mean_loss
+        self._report_progress(epoch, int(total_samples), 0.0, seconds=seconds, epoch_end=True)
         self.metrics.record(epoch, self.step, "train", "loss", mean_loss)
         self.metrics.record(
             epoch, self.step, "train", "samples_per_s", total_samples / max(seconds, 1e-9)
@@ -277,9 +301,38 @@ class _Trainer:
             total, count = _all_reduce_sum([window_loss, float(window_steps)], self.env)
         mean = total / max(count, 1)
         self._check_finite(mean, epoch)
+        self.last_loss = mean
         self.metrics.record(epoch, self.step, "train", "step_loss", mean)
         if self.env.is_chief:
-            log.info("[rank %d] epoch %d step %d loss %.5f", self.env.rank, epoch, self.step, mean)
+            log.info("epoch %d step %d loss %.5f (mean over ranks)", epoch, self.step, mean)
+
+    def _report_progress(
+        self,
+        epoch: int,
+        samples: int,
+        start: float,
+        *,
+        seconds: float | None = None,
+        epoch_end: bool = False,
+    ) -> None:
+        """(chief only) Tell the driver where training stands, at most every PROGRESS_INTERVAL_S
+        (and at every epoch's end); a no-op without a driver channel. Never syncs the device."""
+        now = time.perf_counter()
+        if not self.env.is_chief or (
+            not epoch_end and now - self._progress_at < PROGRESS_INTERVAL_S
+        ):
+            return
+        self._progress_at = now
+        report_progress(
+            epoch=epoch,
+            epochs=self.spec.optim.epochs,
+            step=self.step,
+            total=self.spec.optim.epochs * self.steps_per_epoch,
+            samples=samples,
+            seconds=seconds if seconds is not None else now - start,
+            loss=self.last_loss,
+            epoch_end=epoch_end,
+        )
 
     def _check_finite(self, value: float, epoch: int) -> None:
         """Every rank sees the same reduced value, so every rank stops at the same step."""

@@ -77,16 +77,16 @@ def test_every_module_names_its_zone_and_exports(rel):
 def test_zone_rules(rel):
     tree = ALL[rel]
     zone, imports = _zone(tree), _imports(tree)
-    if zone in ("[worker]", "[any]"):
+    if zone in ("[worker]", "[any]", "[driver+worker]"):
         assert not any(i == "pyspark" or i.startswith("pyspark.") for i in imports), (
             f"{rel} imports pyspark"
         )
         for name in imports:
             target = ZONE_OF.get(name)
-            assert target in (None, "[worker]", "[any]"), (
+            assert target in (None, "[worker]", "[any]", "[driver+worker]"), (
                 f"{rel} ({zone}) imports {name} ({target})"
             )
-    if zone == "[driver]":
+    if zone in ("[driver]", "[driver+worker]"):
         assert not any(i.startswith("torch.distributed") for i in imports), (
             f"{rel} imports torch.distributed"
         )

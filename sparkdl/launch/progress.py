@@ -1,0 +1,219 @@
+"""[driver] What the workers send, shown on the driver: each rank's log lines and live progress.
+
+A :class:`RunMonitor` is the sink of one launch's driver channel (``sparkdl.launch.channel``):
+
+- a log frame becomes the line ``[rank N] message`` on the ``sparkdl.workers`` logger, at the
+  worker's level, and, with a ``log_dir``, a line in ``log_dir/rank-N.log``. The driver writes
+  these files, so they land in the run directory wherever the workers ran;
+- progress frames (the chief sends them) drive a tqdm bar (``tqdm.auto``: a widget in
+  notebooks) with epoch, step/total, loss, samples/s and ETA when the driver is interactive (a
+  notebook, or stderr is a terminal); otherwise an INFO line on the ``sparkdl.progress`` logger
+  at most every ``log_interval_s`` and at the end of every epoch.
+
+When nothing shows these loggers' records (no handler anywhere: a bare script or notebook), the
+monitor prints them on stderr for the launch, so worker lines are never silently lost.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+__all__ = ["RunMonitor", "format_progress", "is_interactive"]
+
+log = logging.getLogger("sparkdl")
+workers_log = logging.getLogger("sparkdl.workers")
+progress_log = logging.getLogger("sparkdl.progress")
+
+_MAX_RANK = 1 << 16
+
+
+def is_interactive() -> bool:
+    """A notebook kernel, or a terminal on stderr: where a live bar makes sense."""
+    shell = sys.modules.get("IPython")
+    if shell is not None:
+        try:
+            ip = shell.get_ipython()  # type: ignore[attr-defined]
+            if ip is not None and type(ip).__name__ == "ZMQInteractiveShell":
+                return True
+        except Exception:
+            pass
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
+
+
+def format_progress(name: str, frame: dict[str, Any], eta_s: float | None) -> str:
+    """``train: epoch 1/3 | step 40/120 (33%) | loss 0.512 | 12,345 samples/s | ETA 0:00:10``."""
+    step, total = int(frame.get("step", 0)), int(frame.get("total", 0))
+    parts = [f"{name}: epoch {int(frame.get('epoch', 0)) + 1}/{int(frame.get('epochs', 1))}"]
+    parts.append(f"step {step}/{total} ({100.0 * step / max(total, 1):.0f}%)")
+    if frame.get("loss") is not None:
+        parts.append(f"loss {float(frame['loss']):.4g}")
+    if frame.get("seconds"):
+        parts.append(f"{float(frame.get('samples', 0)) / float(frame['seconds']):,.0f} samples/s")
+    if eta_s is not None:
+        parts.append(f"ETA {_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+class RunMonitor:
+    """(driver) Sink of the driver channel for one launch: log lines per rank and progress.
+
+    Args:
+        log_dir: where ``rank-N.log`` files go (None: no files).
+        progress: show progress (a bar when interactive, else periodic log lines).
+        name: what the progress shows first, e.g. the run name.
+        interactive: force the bar on or off; default :func:`is_interactive`.
+        log_interval_s: least time between two non-interactive progress lines.
+    """
+
+    def __init__(
+        self,
+        *,
+        log_dir: str | None = None,
+        progress: bool = True,
+        name: str = "train",
+        interactive: bool | None = None,
+        log_interval_s: float = 10.0,
+    ) -> None:
+        self.log_dir = log_dir
+        self.progress = bool(progress)
+        self.name = name
+        self.interactive = is_interactive() if interactive is None else bool(interactive)
+        self.log_interval_s = log_interval_s
+        self._lock = threading.Lock()
+        self._files: dict[int, TextIO] = {}
+        self._bar: Any = None
+        self._redirect: Any = None
+        self._first: tuple[float, int] | None = None
+        self._last_line = 0.0
+        self._last_frame: dict[str, Any] | None = None
+        self._printed_last = True
+        self._restore: list[tuple[logging.Logger, logging.Handler, int]] = []
+
+    def start(self) -> RunMonitor:
+        """Make sure worker lines and progress lines are shown somewhere (see module doc)."""
+        if not workers_log.hasHandlers():
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            for logger in (workers_log, progress_log):
+                self._restore.append((logger, handler, logger.level))
+                logger.addHandler(handler)
+                if logger.getEffectiveLevel() > logging.INFO:
+                    logger.setLevel(logging.INFO)
+        return self
+
+    def handle(self, frame: dict[str, Any]) -> None:
+        """Take one frame from the channel (its consumer thread)."""
+        kind = frame.get("t")
+        rank = frame.get("rank")
+        if not isinstance(rank, int) or not 0 <= rank < _MAX_RANK:
+            return
+        with self._lock:
+            if kind == "log":
+                self._log_line(rank, frame)
+            elif kind == "progress" and self.progress:
+                self._progress(frame)
+
+    def _log_line(self, rank: int, frame: dict[str, Any]) -> None:
+        level = frame.get("level", logging.INFO)
+        level = level if isinstance(level, int) else logging.INFO
+        msg = str(frame.get("msg", ""))
+        workers_log.log(level, "[rank %d] %s", rank, msg)
+        if self.log_dir is None:
+            return
+        fh = self._files.get(rank)
+        if fh is None:
+            os.makedirs(self.log_dir, exist_ok=True)
+            fh = self._files[rank] = open(  # noqa: SIM115 (closed in close())
+                os.path.join(self.log_dir, f"rank-{rank}.log"), "a", encoding="utf-8"
+            )
+        when = frame.get("time")
+        stamp = datetime.datetime.fromtimestamp(
+            float(when) if isinstance(when, (int, float)) else time.time()
+        ).isoformat(sep=" ", timespec="milliseconds")
+        fh.write(f"{stamp} {logging.getLevelName(level)} {msg}\n")
+        fh.flush()
+
+    def _eta(self, step: int, total: int) -> float | None:
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (now, step)
+            return None
+        t0, s0 = self._first
+        if step <= s0 or now <= t0:
+            return None
+        return (total - step) * (now - t0) / (step - s0)
+
+    def _progress(self, frame: dict[str, Any]) -> None:
+        step, total = int(frame.get("step", 0)), int(frame.get("total", 0))
+        eta = self._eta(step, total)
+        if self.interactive:
+            self._update_bar(frame, step, total)
+            return
+        now = time.monotonic()
+        self._last_frame = frame
+        self._printed_last = False
+        if frame.get("epoch_end") or now - self._last_line >= self.log_interval_s:
+            progress_log.info("%s", format_progress(self.name, frame, eta))
+            self._last_line = now
+            self._printed_last = True
+
+    def _update_bar(self, frame: dict[str, Any], step: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._redirect = logging_redirect_tqdm(
+                loggers=[logging.getLogger(), log, workers_log, progress_log]
+            )
+            self._redirect.__enter__()
+            self._bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=True)
+        bar = self._bar
+        epoch, epochs = int(frame.get("epoch", 0)), int(frame.get("epochs", 1))
+        bar.set_description(f"{self.name} epoch {epoch + 1}/{epochs}", refresh=False)
+        postfix = {}
+        if frame.get("loss") is not None:
+            postfix["loss"] = f"{float(frame['loss']):.4g}"
+        if frame.get("seconds"):
+            rate = float(frame.get("samples", 0)) / float(frame["seconds"])
+            postfix["samples/s"] = f"{rate:,.0f}"
+        bar.set_postfix(postfix, refresh=False)
+        if total and bar.total != total:
+            bar.total = total
+        bar.update(max(0, step - bar.n))
+
+    def close(self) -> None:
+        """Close the bar and the log files, restore logging; never raises."""
+        with self._lock:
+            try:
+                if not self._printed_last and self._last_frame is not None:
+                    progress_log.info("%s", format_progress(self.name, self._last_frame, None))
+                if self._bar is not None:
+                    self._bar.close()
+                if self._redirect is not None:
+                    self._redirect.__exit__(None, None, None)
+            except Exception as exc:
+                log.debug("closing the progress display failed: %s", exc)
+            self._bar = self._redirect = None
+            for fh in self._files.values():
+                try:
+                    fh.close()
+                except OSError:
+                    pass
+            self._files.clear()
+            for logger, handler, level in self._restore:
+                logger.removeHandler(handler)
+                logger.setLevel(level)
+            self._restore.clear()
