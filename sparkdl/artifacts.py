@@ -8,7 +8,8 @@ Layout of a run directory::
     model/          state_dict.pt (weights_only), model.json, architecture.pkl (when pickled)
     metrics/        Parquet rows (epoch, step, split, name, value, wall_time)
     checkpoints/    step-<N>/{state.pt, checkpoint.json}: see sparkdl.train.checkpoint
-    plots/          PNG plots of the metrics (when matplotlib is installed)
+    plots/          loss.png, accuracy.png or mse.png: train vs validation per epoch
+                    (when matplotlib is installed; skipped with a log line otherwise)
 
 run.json is rewritten atomically at each status change; a run whose status is not
 ``succeeded`` is not complete, whatever else the directory holds.
@@ -17,6 +18,7 @@ run.json is rewritten atomically at each status change; a run whose status is no
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -29,9 +31,12 @@ from sparkdl.train.model_io import atomic_write_bytes, local_path
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["RunDirectory", "package_versions"]
+__all__ = ["RunDirectory", "package_versions", "epoch_metrics", "plot_epochs"]
+
+log = logging.getLogger("sparkdl")
 
 RUN_FILE = "run.json"
+PLOTTED = ("loss", "accuracy", "mse")
 
 
 def package_versions() -> dict[str, str]:
@@ -165,3 +170,55 @@ class RunDirectory:
     def metrics_df(self, spark: SparkSession) -> DataFrame:
         """The metrics as a Spark DataFrame (epoch, step, split, name, value, wall_time)."""
         return spark.read.parquet(self.sub("metrics"))
+
+    def write_plots(self, best_epoch: int | None = None) -> list[str]:
+        """PNG plots of the per-epoch metrics under plots/; the paths written."""
+        try:
+            rows = epoch_metrics(self.sub("metrics"))
+        except (OSError, ValueError) as exc:  # no metrics written (e.g. a failed run)
+            log.info("sparkdl: no plots, the metrics could not be read (%s)", exc)
+            return []
+        return plot_epochs(rows, self.sub("plots"), best_epoch=best_epoch)
+
+
+def epoch_metrics(metrics_dir: str) -> dict[str, dict[str, dict[int, float]]]:
+    """{name: {split: {epoch: value}}} of the per-epoch metrics (the latest row wins)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(metrics_dir).sort_by("wall_time")
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    columns = [table.column(c).to_pylist() for c in ("epoch", "split", "name", "value")]
+    for epoch, split, name, value in zip(*columns):
+        if name in PLOTTED:
+            out.setdefault(name, {}).setdefault(split, {})[epoch] = value
+    return out
+
+
+def plot_epochs(
+    rows: dict[str, dict[str, dict[int, float]]], plots_dir: str, best_epoch: int | None = None
+) -> list[str]:
+    """One PNG per metric: each split's value per epoch; matplotlib is imported only here."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+    except ImportError:
+        log.info("sparkdl: matplotlib is not installed; skipping plots (pip install matplotlib)")
+        return []
+    os.makedirs(plots_dir, exist_ok=True)
+    written = []
+    for name, splits in rows.items():
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
+        for split, values in sorted(splits.items()):
+            epochs = sorted(values)
+            ax.plot(epochs, [values[e] for e in epochs], marker="o", label=split)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", linestyle="--", label=f"kept (epoch {best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = os.path.join(plots_dir, f"{name}.png")
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        written.append(path)
+    return written

@@ -153,6 +153,9 @@ class OptimConfig:
     """Record the cross-rank mean training loss every this many steps (0: per epoch only)."""
     reader: str = "pyarrow"
     """How workers read the shards: "pyarrow", or "petastorm" (compat environment only)."""
+    early_stopping_patience: int = 0
+    """Stop after this many epochs without a lower validation loss, keeping the best epoch's
+    weights (0: off; train every epoch and keep the last). Needs a validation split."""
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, str) and self.loss not in LOSSES:
@@ -182,6 +185,12 @@ class OptimConfig:
         _positive_int("epochs", self.epochs, "Use e.g. epochs=5")
         _positive_int(
             "log_every_steps", self.log_every_steps, "Use 0 to log per epoch only", allow_zero=True
+        )
+        _positive_int(
+            "early_stopping_patience",
+            self.early_stopping_patience,
+            "Use 0 to train every epoch",
+            allow_zero=True,
         )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise _fail("seed", "an integer", self.seed, "Use e.g. seed=0")

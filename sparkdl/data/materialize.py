@@ -14,7 +14,7 @@ The driver writes ``_sparkdl_manifest.json`` last, atomically. No data is collec
 driver and no per-row Python runs. Layout under the dataset root::
 
     train/shard-00000.parquet ...        read with spark.read.parquet(f"{root}/train")
-    validation/shard-00000.parquet ...   when validation_fraction > 0
+    validation/shard-00000.parquet ...   when validation_fraction > 0 or validation_col is set
     _replicas/1/train/shard-00000.parquet ...   when replicas > 1 (hidden from Spark readers)
     _sparkdl_manifest.json
 
@@ -50,6 +50,8 @@ ON_INVALID = ("error", "skip")
 _MAX_ROW_GROUP_ROWS = 1 << 16
 _ROW_GROUPS_PER_SHARD = 8
 _U64 = np.uint64
+# The validation flag travels next to the converted columns through both jobs, never written.
+_FLAG = "__sparkdl_validation__"
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,11 @@ class _Params:
     validation_fraction: float
     replicas: int
     row_group_rows: int | None
+    validation_col: str | None = None
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation_fraction > 0 or self.validation_col is not None
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ def materialize(
     replicas: int = 1,
     row_group_rows: int | None = None,
     on_invalid: str = "error",
+    validation_col: str | None = None,
 ) -> ShardedDataset:
     """Write ``df`` as ``num_shards`` equal Parquet shards (±1 row) plus a manifest at ``path``.
 
@@ -98,6 +106,8 @@ def materialize(
     int64, fractional → float32. ``mode``: "error" refuses an existing path, "overwrite"
     replaces it, "reuse" returns the existing dataset when the data and parameters hash the
     same (else ConfigError). ``validation_fraction``: seeded per-row split into "validation".
+    ``validation_col``: instead of a fraction, a boolean column: true rows go to "validation"
+    (null counts as false); it is not stored.
     ``replicas``: copies of every file (the loader falls back to them). ``row_group_rows``:
     rows per Parquet row group (default: about 1/8 of a shard, at most 65,536).
     ``on_invalid``: "error" (default) refuses NaN/inf in a feature or the label; "skip" drops
@@ -118,6 +128,7 @@ def materialize(
         validation_fraction,
         replicas,
         row_group_rows,
+        validation_col,
     )
     uri = storage.normalize_uri(path)
     fs, root = storage.resolve(uri)
@@ -128,7 +139,7 @@ def materialize(
             f"path must not exist with mode='error', got existing {uri!r}. Pass "
             "mode='overwrite' to replace it, mode='reuse' to reuse it, or choose another path."
         )
-    converted = _convert(df, layout)
+    converted = _convert(df, layout, params.validation_col)
     if on_invalid == "skip":
         converted = _drop_nonfinite(converted, layout)
     converted = converted.persist()
@@ -171,6 +182,7 @@ def _check_params(
     validation_fraction: Any,
     replicas: Any,
     row_group_rows: Any,
+    validation_col: Any = None,
 ) -> _Params:
     if isinstance(feature_cols, str) or not isinstance(feature_cols, (list, tuple)):
         raise ConfigError(
@@ -206,6 +218,7 @@ def _check_params(
             f"validation_fraction must be in [0, 1), got {validation_fraction!r}. "
             "Pass e.g. 0.1, or 0 for no validation split."
         )
+    _check_validation_col(validation_col, validation_fraction, feature_cols, label_col)
     if not _is_int(replicas) or replicas < 1:
         raise ConfigError(f"replicas must be an integer >= 1, got {replicas!r}. Pass 1, 2 or 3.")
     if row_group_rows is not None and (not _is_int(row_group_rows) or row_group_rows < 1):
@@ -222,7 +235,30 @@ def _check_params(
         float(validation_fraction),
         replicas,
         row_group_rows,
+        validation_col,
     )
+
+
+def _check_validation_col(
+    validation_col: Any, validation_fraction: Any, feature_cols: Any, label_col: Any
+) -> None:
+    if validation_col is None:
+        return
+    if not isinstance(validation_col, str) or not validation_col:
+        raise ConfigError(
+            f"validation_col must be None or a column name, got {validation_col!r}. "
+            "Pass e.g. validation_col='is_validation'."
+        )
+    if validation_fraction:
+        raise ConfigError(
+            f"validation_fraction must be 0 when validation_col is set, got "
+            f"{validation_fraction!r} with validation_col={validation_col!r}. Use one of them."
+        )
+    if validation_col in feature_cols or validation_col == label_col:
+        raise ConfigError(
+            f"validation_col must not be a feature or label column, got {validation_col!r}. "
+            "Use a separate boolean column."
+        )
 
 
 def _column_kind(name: str, dtype: Any) -> str | None:
@@ -241,12 +277,19 @@ def _plan_columns(df: DataFrame, params: _Params) -> _Layout:
     from pyspark.sql import types as T
 
     fields = {f.name: f.dataType for f in df.schema.fields}
-    for col in (*params.feature_cols, params.label_col):
+    extra = (params.validation_col,) if params.validation_col else ()
+    for col in (*params.feature_cols, params.label_col, *extra):
         if col not in fields:
             raise ConfigError(
                 f"column {col!r} must exist in the DataFrame, got columns {sorted(fields)}. "
                 "Fix feature_cols/label_col or add the column."
             )
+    if params.validation_col and not isinstance(fields[params.validation_col], T.BooleanType):
+        raise DataError(
+            f"validation_col {params.validation_col!r} must be boolean, got "
+            f"{fields[params.validation_col].simpleString()}. Derive it, e.g. "
+            "F.col('split') == 'validation'."
+        )
     features = []
     for col in params.feature_cols:
         kind = _column_kind(col, fields[col])
@@ -273,7 +316,7 @@ def _quoted(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
-def _convert(df: DataFrame, layout: _Layout) -> DataFrame:
+def _convert(df: DataFrame, layout: _Layout, validation_col: str | None = None) -> DataFrame:
     from pyspark.ml.functions import vector_to_array
     from pyspark.sql import functions as F
 
@@ -288,6 +331,8 @@ def _convert(df: DataFrame, layout: _Layout) -> DataFrame:
             exprs.append(vector_to_array(col, "float32").alias(name))
     label_sql = "bigint" if layout.label_type == "int64" else "float"
     exprs.append(F.col(_quoted(layout.label_col)).cast(label_sql).alias(layout.label_col))
+    if validation_col:
+        exprs.append(F.coalesce(F.col(_quoted(validation_col)), F.lit(False)).alias(_FLAG))
     return df.select(*exprs)
 
 
@@ -309,6 +354,16 @@ def validation_mask(seed: int, partition: int, start: int, n: int, fraction: flo
     with np.errstate(over="ignore"):
         z = _splitmix64(np.arange(start, start + n, dtype=_U64) + base)
     return (z >> _U64(11)).astype(np.float64) * (1.0 / (1 << 53)) < fraction
+
+
+def _split_mask(
+    batch: pa.RecordBatch, seed: int, partition: int, start: int, fraction: float
+) -> np.ndarray:
+    """True for the rows of ``batch`` that go to validation: the flag column, else seeded."""
+    if _FLAG in batch.schema.names:
+        flags = batch.column(batch.schema.get_field_index(_FLAG))
+        return flags.to_numpy(zero_copy_only=False).astype(bool)
+    return validation_mask(seed, partition, start, batch.num_rows, fraction)
 
 
 def _column_stats(arr: pa.Array, stats: dict[str, Any], digest: Any) -> None:
@@ -339,15 +394,20 @@ def _scan_partition(columns: list[str], seed: int, fraction: float):
         partition = TaskContext.get().partitionId()
         stats = {c: {"nulls": 0, "nonfinite": 0, "min_len": None, "max_len": None} for c in columns}
         digests = {c: hashlib.sha256() for c in columns}
+        split_digest = None  # a validation_col's flags decide the split: hash them too
         rows = validation = 0
         for batch in batches:
             for c in columns:
                 _column_stats(batch.column(c), stats[c], digests[c])
-            validation += int(
-                validation_mask(seed, partition, rows, batch.num_rows, fraction).sum()
-            )
+            mask = _split_mask(batch, seed, partition, rows, fraction)
+            if _FLAG in batch.schema.names:
+                split_digest = split_digest or hashlib.sha256()
+                split_digest.update(np.packbits(mask).tobytes())
+            validation += int(mask.sum())
             rows += batch.num_rows
-        digest = hashlib.sha256("".join(digests[c].hexdigest() for c in columns).encode())
+        parts = [digests[c].hexdigest() for c in columns]
+        parts += [split_digest.hexdigest()] if split_digest else []
+        digest = hashlib.sha256("".join(parts).encode())
         yield pa.RecordBatch.from_arrays(
             [
                 pa.array([partition], pa.int32()),
@@ -421,8 +481,13 @@ def _check_scan(scan: _Scan, layout: _Layout, params: _Params) -> dict[str, int]
             )
     validation = sum(scan.validation_rows.values())
     counts = {"train": total - validation}
-    if params.validation_fraction > 0:
+    if params.has_validation:
         counts["validation"] = validation
+    if params.validation_col and validation == 0:
+        raise DataError(
+            f"validation_col {params.validation_col!r} must be true for at least one row, got "
+            "none. Mark the validation rows, or drop validation_col."
+        )
     if counts["train"] < params.num_shards:
         raise DataError(
             f"the DataFrame must have at least num_shards ({params.num_shards}) training rows, "
@@ -444,6 +509,7 @@ def _plan_hash(params: _Params, layout: _Layout, converted: DataFrame, scan: _Sc
         "num_shards": params.num_shards,
         "seed": params.seed,
         "validation_fraction": params.validation_fraction,
+        "validation_col": params.validation_col,
         "replicas": params.replicas,
         "row_group_rows": params.row_group_rows,
         "layout": [list(f) for f in layout.features] + [layout.label_type],
@@ -487,7 +553,9 @@ def _route_partition(num_shards: int, seed: int, fraction: float, offsets: dict[
             n = batch.num_rows
             if n == 0:
                 continue
-            split = validation_mask(seed, partition, local, n, fraction).astype(np.int64)
+            split = _split_mask(batch, seed, partition, local, fraction).astype(np.int64)
+            if _FLAG in batch.schema.names:
+                batch = _without_flag(batch)
             local += n
             index = np.empty(n, dtype=np.int64)
             for code in (0, 1):
@@ -498,6 +566,12 @@ def _route_partition(num_shards: int, seed: int, fraction: float, offsets: dict[
             yield _pieces(batch, split * num_shards + index % num_shards, index)
 
     return route
+
+
+def _without_flag(batch: pa.RecordBatch) -> pa.RecordBatch:
+    keep = [i for i, name in enumerate(batch.schema.names) if name != _FLAG]
+    schema = pa.schema([batch.schema.field(i) for i in keep])
+    return pa.RecordBatch.from_arrays([batch.column(i) for i in keep], schema=schema)
 
 
 def _pieces(batch: pa.RecordBatch, keys: np.ndarray, index: np.ndarray) -> pa.RecordBatch:

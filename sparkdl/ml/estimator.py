@@ -1,17 +1,28 @@
-"""[driver] TorchEstimator / TorchModel: fit a DataFrame with distributed torch, transform with the model.
+"""[driver] TorchEstimator: fit a DataFrame with distributed torch → TorchModel.
 
 fit validates on the driver, materializes the DataFrame into ``run_dir/data`` (or takes a
 ShardedDataset), launches one barrier stage of workers running ``sparkdl.train.worker.train``,
-and writes the run directory (see :mod:`sparkdl.artifacts`).
+and writes the run directory (see :mod:`sparkdl.artifacts`), plots included.
+
+Parameters are Spark ML Params declared once in ``ESTIMATOR_PARAMS``: a row there gives the
+constructor keyword, ``getXxx``/``setXxx``, ``explainParams()``, persistence and run.json's
+config. A row with a ``section`` feeds that config object's field (``"optim"`` →
+``OptimConfig``, ``"sync"`` → ``SyncConfig``, ``"checkpoint"`` → ``CheckpointConfig``, ``"model"``
+→ ``ModelSpec``), which also validates it; a row without one is read in ``_fit`` with
+``self.get(name)``. Spark Params stop here: workers get the config objects only.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from pyspark.ml.base import Estimator
+from pyspark.ml.util import MLReadable, MLWritable
 
 from sparkdl.artifacts import RunDirectory
 from sparkdl.config import (
@@ -27,32 +38,127 @@ from sparkdl.data.materialize import check_on_invalid
 from sparkdl.errors import ConfigError, DataError
 from sparkdl.launch.launcher import job_description, spark_job_phase
 from sparkdl.launch.progress import RunMonitor
-from sparkdl.ml.inference import predict_dataframe
+from sparkdl.ml.model import OUTPUT_PARAMS, TorchModel, check_output_params
+from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_dict, as_list, with_params
+from sparkdl.ml.persistence import ParamsReader, ParamsWriter
 from sparkdl.train.components import is_classification
 from sparkdl.train.model_io import ARCH_FILE, load_module, write_model_json
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["TorchEstimator", "TorchModel"]
+__all__ = ["ESTIMATOR_PARAMS", "TorchEstimator", "TorchModel"]
 
 log = logging.getLogger("sparkdl")
 
+P = ParamSpec
+# fmt: off
+ESTIMATOR_PARAMS: tuple[ParamSpec, ...] = (
+    P("model", REQUIRED, "nn.Module, zero-arg callable returning one, or 'pkg.mod:factory'",
+      "model", "factory"),
+    P("model_kwargs", {}, "keyword arguments for a model factory", "model", "kwargs", as_dict),
+    P("feature_cols", REQUIRED, "feature columns: numeric, array<numeric> or ML vector",
+      convert=as_list),
+    P("label_col", REQUIRED, "label column: class index (integer) or value (regression)"),
+    P("run_dir", REQUIRED, "run directory on storage every executor reaches"),
+    P("loss", "cross_entropy", "a name in sparkdl.config.LOSSES or loss(outputs, labels)",
+      "optim"),
+    P("optimizer", "adam", "a name in sparkdl.config.OPTIMIZERS or optimizer(params)", "optim"),
+    P("learning_rate", 1e-3, "learning rate of a named optimizer", "optim"),
+    P("batch_size", 64, "rows per worker per step (global batch: × num_workers)", "optim"),
+    P("epochs", 1, "passes over the training rows (fewer with early stopping)", "optim"),
+    P("num_workers", 2, "barrier tasks = torch ranks"),
+    P("use_gpu", False, "one GPU per task from the task's Spark 'gpu' resources; nccl"),
+    P("seed", 0, "model initialisation, validation split and per-epoch shuffle", "optim"),
+    P("strategy", "allreduce", "how workers synchronize: allreduce, local_sgd, "
+      "parameter_server, fsdp", "sync"),
+    P("strategy_options", {}, "the strategy's options (sparkdl.config.STRATEGY_OPTIONS)",
+      "sync", "options", as_dict),
+    P("validation_fraction", 0.0, "seeded fraction of rows held out for validation"),
+    P("validation_col", "", "boolean column: true rows are the validation split (instead of "
+      "validation_fraction); empty: none"),
+    P("early_stopping_patience", 0, "stop after this many epochs without a lower validation "
+      "loss and keep the best epoch's weights; 0: off (train every epoch, keep the last)",
+      "optim"),
+    P("shuffle", True, "seeded shuffle every epoch", "optim"),
+    P("log_every_steps", 50, "record the cross-rank mean loss every N steps (0: per epoch)",
+      "optim"),
+    P("overwrite", False, "replace an existing non-empty run_dir"),
+    P("collective_timeout_s", 120.0, "process-group timeout: a dead rank fails the group"),
+    P("reader", "pyarrow", "how workers read the shards: pyarrow, or petastorm", "optim"),
+    # Reliability (checkpoints, restarts, bad rows, test faults): see README "Reliability".
+    P("max_restarts", 3, "relaunches of the worker group after a failure (0: never)"),
+    P("resume", False, "continue the run in run_dir from its latest complete checkpoint"),
+    P("checkpoint_every_steps", 0, "checkpoint every N global steps (0: never by step)",
+      "checkpoint", "every_steps"),
+    P("checkpoint_every_epochs", 1, "checkpoint every N epochs (0: never by epoch)",
+      "checkpoint", "every_epochs"),
+    P("keep_last", 2, "complete checkpoints kept", "checkpoint"),
+    P("on_invalid", "error", "rows with NaN/inf: 'error' refuses them, 'skip' drops them"),
+    P("fault_injection", None, "deliberate failures for tests (sparkdl.config.FaultInjection)"),
+    P("progress", True, "live progress bar and worker logs on the driver"),
+    *OUTPUT_PARAMS,
+)
+# fmt: on
 
-def _describe(value: Any) -> Any:
-    """A JSON-friendly description of a config value (callables by name)."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_describe(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _describe(v) for k, v in value.items()}
-    return getattr(value, "__qualname__", None) or type(value).__name__
+
+@dataclass(frozen=True)
+class _Configs:
+    """The config objects the Params build: what crosses to the workers."""
+
+    model: ModelSpec
+    optim: OptimConfig
+    sync: SyncConfig
+    checkpoint: CheckpointConfig
 
 
-class TorchEstimator:
+def _check_estimator_values(v: dict[str, Any]) -> None:
+    cols = v.get("feature_cols")
+    if not isinstance(cols, list) or not cols or not all(isinstance(c, str) and c for c in cols):
+        raise ConfigError(
+            f"feature_cols must be a non-empty list of column names, got {cols!r}. "
+            'Pass e.g. feature_cols=["features"]'
+        )
+    for name in ("label_col", "run_dir"):
+        if not isinstance(v.get(name), str) or not v.get(name):
+            raise ConfigError(f"{name} must be a non-empty string, got {v.get(name)!r}. Set it")
+    workers = v["num_workers"]
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(
+            f"num_workers must be an integer ≥ 1, got {workers!r}. Use e.g. num_workers=2"
+        )
+    fraction = v["validation_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        fraction = math.nan
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(
+            f"validation_fraction must be in [0, 1), got {v['validation_fraction']!r}. Use e.g. 0.1"
+        )
+    if not isinstance(v["validation_col"], str) or (fraction and v["validation_col"]):
+        raise ConfigError(
+            f"validation_col must be a column name used without validation_fraction, got "
+            f"{v['validation_col']!r} with validation_fraction={fraction}. Use one of them"
+        )
+    timeout = v["collective_timeout_s"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ConfigError(f"collective_timeout_s must be > 0, got {timeout!r}. Use e.g. 120")
+    for name in ("use_gpu", "overwrite", "resume", "progress"):
+        if not isinstance(v[name], bool):
+            raise ConfigError(f"{name} must be True or False, got {v[name]!r}. Pass a bool")
+    restarts = v["max_restarts"]
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+        raise ConfigError(
+            f"max_restarts must be an integer ≥ 0, got {restarts!r}. Use 0 to never restart"
+        )
+    check_on_invalid(v["on_invalid"])
+    FaultInjection.coerce(v["fault_injection"])
+
+
+@with_params(ESTIMATOR_PARAMS)
+class TorchEstimator(TableParams, Estimator[TorchModel], MLWritable, MLReadable["TorchEstimator"]):
     """Trains a torch model on a Spark DataFrame with ``num_workers`` barrier-mode workers.
 
+    Keyword arguments are the Params in ``ESTIMATOR_PARAMS`` (see ``explainParams()``).
     ``model`` is an ``nn.Module``, a zero-argument callable returning one, or an import path
     ``"package.module:factory"`` (called with ``model_kwargs``). ``loss`` and ``optimizer``
     take a name (see ``sparkdl.config.LOSSES`` / ``OPTIMIZERS``) or a callable.
@@ -61,137 +167,53 @@ class TorchEstimator:
     ``strategy_options={"compression": "fp16"}``; both are validated here, on the driver.
     """
 
-    def __init__(
-        self,
-        *,
-        model: Any,
-        feature_cols: Sequence[str],
-        label_col: str,
-        run_dir: str,
-        loss: str | Callable[..., Any] = "cross_entropy",
-        optimizer: str | Callable[..., Any] = "adam",
-        learning_rate: float = 1e-3,
-        batch_size: int = 64,
-        epochs: int = 1,
-        num_workers: int = 2,
-        use_gpu: bool = False,
-        seed: int = 0,
-        model_kwargs: dict[str, Any] | None = None,
-        strategy: str = "allreduce",
-        strategy_options: dict[str, Any] | None = None,
-        validation_fraction: float = 0.0,
-        shuffle: bool = True,
-        log_every_steps: int = 50,
-        overwrite: bool = False,
-        collective_timeout_s: float = 120.0,
-        reader: str = "pyarrow",
-        max_restarts: int = 3,
-        resume: bool = False,
-        checkpoint_every_steps: int = 0,
-        checkpoint_every_epochs: int = 1,
-        keep_last: int = 2,
-        on_invalid: str = "error",
-        fault_injection: Any = None,
-        progress: bool = True,
-    ) -> None:
-        if isinstance(feature_cols, str) or not feature_cols:
-            raise ConfigError(
-                f"feature_cols must be a non-empty list of column names, got {feature_cols!r}. "
-                'Pass e.g. feature_cols=["features"]'
-            )
-        if not isinstance(label_col, str) or not label_col:
-            raise ConfigError(
-                f"label_col must be a column name, got {label_col!r}. Pass e.g. label_col='label'"
-            )
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-            raise ConfigError(
-                f"num_workers must be an integer ≥ 1, got {num_workers!r}. Use e.g. num_workers=2"
-            )
-        if not 0.0 <= validation_fraction < 1.0:
-            raise ConfigError(
-                f"validation_fraction must be in [0, 1), got {validation_fraction!r}. Use e.g. 0.1"
-            )
-        self.model_spec = ModelSpec(factory=model, kwargs=model_kwargs or {})
-        self.optim = OptimConfig(
-            loss=loss,
-            optimizer=optimizer,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            epochs=epochs,
-            seed=seed,
-            shuffle=shuffle,
-            log_every_steps=log_every_steps,
-            reader=reader,
-        )
-        self.sync = SyncConfig(strategy=strategy, options=strategy_options or {})
-        self.sync.check_world_size(num_workers)
-        # Reliability (checkpoints, restarts, bad rows, test faults): see README "Reliability".
-        self.checkpoint = CheckpointConfig(
-            every_epochs=checkpoint_every_epochs,
-            every_steps=checkpoint_every_steps,
-            keep_last=keep_last,
-        )
-        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
-            raise ConfigError(
-                f"max_restarts must be an integer ≥ 0, got {max_restarts!r}. Use 0 to never restart"
-            )
-        self.max_restarts = max_restarts
-        self.resume = bool(resume)
-        self.on_invalid = check_on_invalid(on_invalid)
-        self.faults = FaultInjection.coerce(fault_injection)
-        self.feature_cols = list(feature_cols)
-        self.label_col = label_col
-        self.run_dir = run_dir
-        self.num_workers = num_workers
-        self.use_gpu = use_gpu
-        self.validation_fraction = validation_fraction
-        self.overwrite = overwrite
-        self.collective_timeout_s = collective_timeout_s
-        self.progress = progress
+    def __init__(self, **params: Any) -> None:
+        self._init_params(params)
 
-    def describe(self) -> dict[str, Any]:
-        """The estimator's settings as JSON-friendly data (recorded in run.json)."""
-        return {
-            "model": _describe(self.model_spec.factory),
-            "model_kwargs": _describe(dict(self.model_spec.kwargs)),
-            "feature_cols": self.feature_cols,
-            "label_col": self.label_col,
-            "num_workers": self.num_workers,
-            "use_gpu": self.use_gpu,
-            "validation_fraction": self.validation_fraction,
-            "optim": {k: _describe(v) for k, v in vars(self.optim).items()},
-            "sync": {"strategy": self.sync.strategy, "options": _describe(dict(self.sync.options))},
-            "checkpoint": vars(self.checkpoint),
-            "max_restarts": self.max_restarts,
-            "on_invalid": self.on_invalid,
-        }
+    def _validate(self) -> None:
+        values = self.values()
+        _check_estimator_values(values)
+        check_output_params(values)
+        self._configs().sync.check_world_size(values["num_workers"])
+
+    def _configs(self) -> _Configs:
+        return _Configs(
+            model=self.config("model", ModelSpec),
+            optim=self.config("optim", OptimConfig),
+            sync=self.config("sync", SyncConfig),
+            checkpoint=self.config("checkpoint", CheckpointConfig),
+        )
+
+    # The config objects, read-only (built from the Params each time).
+    model_spec = property(lambda self: self._configs().model)
+    optim = property(lambda self: self._configs().optim)
+    sync = property(lambda self: self._configs().sync)
+    checkpoint = property(lambda self: self._configs().checkpoint)
 
     def _distributor(self, spark: SparkSession) -> Any:
         from sparkdl.launch import Distributor
 
         return Distributor(
-            self.num_workers,
-            use_gpu=self.use_gpu,
+            self.get("num_workers"),
+            use_gpu=self.get("use_gpu"),
             spark=spark,
-            collective_timeout_s=self.collective_timeout_s,
+            collective_timeout_s=self.get("collective_timeout_s"),
         )
 
     def _dataset(
         self, data: DataFrame | ShardedDataset, run: RunDirectory, resuming: bool = False
     ) -> ShardedDataset:
+        feature_cols, label_col = self.get("feature_cols"), self.get("label_col")
         if isinstance(data, ShardedDataset):
             manifest = data.manifest
-            if (
-                list(manifest.feature_cols) != self.feature_cols
-                or manifest.label_col != self.label_col
-            ):
+            if list(manifest.feature_cols) != feature_cols or manifest.label_col != label_col:
                 raise ConfigError(
-                    f"feature_cols/label_col must match the dataset's, got {self.feature_cols}/"
-                    f"{self.label_col!r} vs {list(manifest.feature_cols)}/{manifest.label_col!r}. "
+                    f"feature_cols/label_col must match the dataset's, got {feature_cols}/"
+                    f"{label_col!r} vs {list(manifest.feature_cols)}/{manifest.label_col!r}. "
                     "Use the columns the dataset was materialized with"
                 )
             return data
-        num_shards, mode = self.num_workers, "overwrite"
+        num_shards, mode = self.get("num_workers"), "overwrite"
         if resuming and os.path.exists(run.sub("data/_sparkdl_manifest.json")):
             # Resume on the same rows in the same order (whatever num_workers is now); "reuse"
             # refuses a DataFrame whose content or parameters differ from the run's.
@@ -199,22 +221,41 @@ class TorchEstimator:
         return materialize(
             data,
             run.sub("data"),
-            feature_cols=self.feature_cols,
-            label_col=self.label_col,
+            feature_cols=feature_cols,
+            label_col=label_col,
             num_shards=num_shards,
-            seed=self.optim.seed,
-            validation_fraction=self.validation_fraction,
+            seed=self.get("seed"),
+            validation_fraction=self.get("validation_fraction"),
+            validation_col=self.get("validation_col") or None,
             mode=mode,
-            on_invalid=self.on_invalid,
+            on_invalid=self.get("on_invalid"),
         )
 
-    def fit(self, data: DataFrame | ShardedDataset) -> TorchModel:
-        """Train on ``data`` (a DataFrame, or a ShardedDataset already materialized)."""
+    def _check_validation(self, data: DataFrame | ShardedDataset) -> None:
+        """Early stopping needs a validation split: say so before anything runs."""
+        patience = self.get("early_stopping_patience")
+        if not patience:
+            return
+        if isinstance(data, ShardedDataset):
+            has_split = data.manifest.splits.get("validation", 0) > 0
+        else:
+            has_split = bool(self.get("validation_fraction") or self.get("validation_col"))
+        if not has_split:
+            raise ConfigError(
+                f"early_stopping_patience needs a validation split, got {patience} without one. "
+                "Set validation_fraction or validation_col (or materialize with one)"
+            )
+
+    def _fit(self, dataset: DataFrame | ShardedDataset) -> TorchModel:
+        """Train on ``dataset`` (a DataFrame, or a ShardedDataset already materialized)."""
         from pyspark.sql import SparkSession
 
         from sparkdl.launch.restarts import run_with_restarts
         from sparkdl.train.worker import train
 
+        data = dataset
+        configs = self._configs()
+        self._check_validation(data)
         spark = (
             SparkSession.getActiveSession()
             if isinstance(data, ShardedDataset)
@@ -224,33 +265,34 @@ class TorchEstimator:
             raise ConfigError(
                 "a SparkSession must be active to fit. Create one with SparkSession.builder"
             )
+        num_workers = self.get("num_workers")
         distributor = self._distributor(spark)
         distributor.check()  # slots, dynamic allocation, GPUs: before anything is written
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        run = RunDirectory(self.run_dir)
-        resuming = run.prepare(overwrite=self.overwrite, resume=self.resume)
-        run.start(self.describe(), world_size=self.num_workers)
+        run = RunDirectory(self.get("run_dir"))
+        resuming = run.prepare(overwrite=self.get("overwrite"), resume=self.get("resume"))
+        run.start(self.describe(), world_size=num_workers)
         run_name = os.path.basename(run.path.rstrip(os.sep)) or "run"
         try:
             with spark_job_phase(spark.sparkContext, job_description(run_name, "materialize")):
                 dataset = self._dataset(data, run, resuming)
             timings["materialize_s"] = time.perf_counter() - start
-            if dataset.num_rows < self.num_workers:
+            if dataset.num_rows < num_workers:
                 raise DataError(
                     f"training rows must be at least num_workers, got {dataset.num_rows} rows for "
-                    f"{self.num_workers} workers. Use fewer workers or more data"
+                    f"{num_workers} workers. Use fewer workers or more data"
                 )
             spec = TrainSpec(
-                model=self.model_spec,
+                model=configs.model,
                 dataset_path=dataset.path,
                 run_dir=run.path,
-                optim=self.optim,
-                sync=self.sync,
-                checkpoint=self.checkpoint,
-                faults=self.faults,
+                optim=configs.optim,
+                sync=configs.sync,
+                checkpoint=configs.checkpoint,
+                faults=FaultInjection.coerce(self.get("fault_injection")),
             )
-            self._write_architecture(run, dataset)
+            self._write_architecture(run, dataset, configs)
             launched = time.perf_counter()
             # Workers' log lines and progress come to the driver: shown live, kept in logs/.
             results, attempt = run_with_restarts(
@@ -258,12 +300,12 @@ class TorchEstimator:
                 train,
                 (spec,),
                 run_dir=run.path,
-                max_restarts=self.max_restarts,
+                max_restarts=self.get("max_restarts"),
                 first_attempt=run.next_attempt,
                 on_failure=run.record_attempt,
-                name=job_description(run_name, "train", f"{self.num_workers} workers"),
+                name=job_description(run_name, "train", f"{num_workers} workers"),
                 make_monitor=lambda: RunMonitor(
-                    log_dir=run.sub("logs"), progress=self.progress, name=run_name
+                    log_dir=run.sub("logs"), progress=self.get("progress"), name=run_name
                 ),
             )
             run.record_attempt(attempt, None)
@@ -282,101 +324,69 @@ class TorchEstimator:
                 "samples": sum(r.samples for r in results),
                 "dataset": dataset.path,
                 "resumed_from_step": chief.resumed_from_step,
+                "epochs_run": chief.epochs,
+                "best_epoch": chief.best_epoch,
             },
         )
-        module = load_module(run.sub("model"), model=self._rebuild_hint())
+        run.write_plots(best_epoch=chief.best_epoch)
+        return self._model(run, dataset, configs)
+
+    def _model(self, run: RunDirectory, dataset: ShardedDataset, configs: _Configs) -> TorchModel:
+        hint = None if configs.model.import_path else configs.model.factory
+        module = load_module(run.sub("model"), model=hint)
+        outputs = {spec.name: self.get(spec.name) for spec in OUTPUT_PARAMS}
         return TorchModel(
             module,
-            feature_cols=self.feature_cols,
-            label_col=self.label_col,
-            classification=is_classification(self.optim),
+            classification=is_classification(configs.optim),
             feature_dim=dataset.feature_dim,
             run_dir=run.path,
+            model_spec=configs.model,
+            feature_cols=self.get("feature_cols"),
+            label_col=self.get("label_col"),
+            **outputs,
         )
 
-    def _rebuild_hint(self) -> Any:
-        """What rebuilds the architecture on the driver without unpickling from disk."""
-        return None if self.model_spec.import_path else self.model_spec.factory
-
-    def _write_architecture(self, run: RunDirectory, dataset: ShardedDataset) -> None:
+    def _write_architecture(
+        self, run: RunDirectory, dataset: ShardedDataset, configs: _Configs
+    ) -> None:
         from pyspark import cloudpickle
 
         model_dir = run.sub("model")
         os.makedirs(model_dir, exist_ok=True)
-        if self.model_spec.import_path is None:
+        if configs.model.import_path is None:
             with open(os.path.join(model_dir, ARCH_FILE), "wb") as fh:
-                cloudpickle.dump(self.model_spec, fh)
+                cloudpickle.dump(configs.model, fh)
         write_model_json(
             model_dir,
-            self.model_spec,
+            configs.model,
             {
-                "feature_cols": self.feature_cols,
-                "label_col": self.label_col,
+                "feature_cols": self.get("feature_cols"),
+                "label_col": self.get("label_col"),
                 "feature_dim": dataset.feature_dim,
-                "classification": is_classification(self.optim),
+                "classification": is_classification(configs.optim),
             },
         )
 
+    # --- persistence -------------------------------------------------------------------------
 
-class TorchModel:
-    """A trained torch module with the columns it reads; ``transform(df)`` appends predictions."""
+    def write(self) -> ParamsWriter:
+        """Writer: ``estimator.write().overwrite().save(path)``."""
+        return ParamsWriter(self)
 
-    def __init__(
-        self,
-        module: Any,
-        *,
-        feature_cols: Sequence[str],
-        label_col: str | None = None,
-        classification: bool = True,
-        feature_dim: int | None = None,
-        run_dir: str | None = None,
-    ) -> None:
-        self.module = module.eval()
-        self.feature_cols = list(feature_cols)
-        self.label_col = label_col
-        self.classification = classification
-        self.feature_dim = feature_dim
-        self.run_dir = run_dir
+    @classmethod
+    def read(cls, trust_pickle: bool = False) -> ParamsReader:
+        return ParamsReader(cls, trust_pickle=trust_pickle)
 
-    @property
-    def summary(self) -> dict[str, Any]:
-        """The run's run.json (status, config, versions, timings, final metrics)."""
-        if self.run_dir is None:
-            raise ConfigError(
-                "summary needs a run_dir, got a model without one. Fit the model first"
-            )
-        return RunDirectory(self.run_dir).summary()
+    @classmethod
+    def load(cls, path: str, trust_pickle: bool = False) -> TorchEstimator:
+        """Load a saved estimator; ``trust_pickle`` allows unpickling a model object/callable."""
+        return cls.read(trust_pickle=trust_pickle).load(path)
 
-    @property
-    def metrics(self) -> DataFrame:
-        """Training metrics as a Spark DataFrame (epoch, step, split, name, value, wall_time)."""
-        from pyspark.sql import SparkSession
+    def _extra_metadata(self) -> dict[str, Any]:
+        return {}
 
-        if self.run_dir is None:
-            raise ConfigError(
-                "metrics need a run_dir, got a model without one. Fit the model first"
-            )
-        spark = SparkSession.getActiveSession()
-        if spark is None:
-            raise ConfigError("metrics need an active SparkSession. Create one first")
-        return RunDirectory(self.run_dir).metrics_df(spark)
+    def _save_data(self, fs: Any, root: str) -> None:
+        """An estimator has no data beyond its Params."""
 
-    def transform(
-        self,
-        df: DataFrame,
-        *,
-        batch_size: int = 1024,
-        output_col: str = "prediction",
-        probability_col: str | None = None,
-    ) -> DataFrame:
-        """``df`` with ``prediction`` (class index or value) and optionally class probabilities."""
-        return predict_dataframe(
-            df,
-            self.module,
-            self.feature_cols,
-            classification=self.classification,
-            expected_dim=self.feature_dim,
-            batch_size=batch_size,
-            output_col=output_col,
-            probability_col=probability_col,
-        )
+    def _load_data(self, fs: Any, root: str, extra: dict[str, Any], trusted: bool) -> None:
+        """An estimator has no data beyond its Params."""

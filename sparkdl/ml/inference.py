@@ -1,106 +1,317 @@
-"""[driver/executor] Batched inference over Arrow batches: a DataFrame in, predictions appended.
+"""[driver/executor] Batched inference: a DataFrame in, ``prediction`` (and ``probability``) out.
 
-The module travels once per job as a broadcast of its pickled bytes and is unpickled once per
-Python worker (cached by broadcast id); each Arrow batch is one (or a few) forward passes.
+The module travels once per (model, SparkContext) as a broadcast of its cloudpickled bytes and
+is unpickled once per Python worker (a small cache keyed by a token made on the driver). Only
+the feature columns go to Python, as Arrow arrays through an iterator ``arrow_udf`` (Spark ≥
+4.1): scalar columns cast to float, arrays to array<float>, ML vectors through
+``vector_to_array``; the other columns never leave the JVM. Each Arrow batch (``spark.sql.
+execution.arrow.maxRecordsPerBatch`` rows) becomes one float32 matrix, cut into forward passes
+of ``batch_size`` rows. On Spark < 4.1 the same code runs under ``mapInArrow``, which moves
+every column through Python (slower for wide rows).
+
+Device: "auto" uses the task's Spark ``gpu`` resource (``cuda:<first address>``), else the one
+visible CUDA device when there is one, else the CPU with ``torch`` threads = the task's CPUs.
 """
 
 from __future__ import annotations
 
 import pickle
+import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
-from sparkdl.errors import DataError
+from sparkdl.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame
+    from pyspark.sql import Column, DataFrame, SparkSession
 
-__all__ = ["features_from_arrow", "predict_dataframe"]
+__all__ = [
+    "DEVICES",
+    "ShippedModule",
+    "features_from_arrays",
+    "predict_dataframe",
+    "ship_module",
+]
 
-_MODULE_CACHE: dict[int, Any] = {}
+DEVICES = ("auto", "cpu", "cuda")
+USE_ARROW_UDF: bool | None = None
+"""None: the iterator ``arrow_udf`` where pyspark has it (≥ 4.1), else ``mapInArrow``."""
+_CACHE: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_CACHE_SIZE = 4  # models per Python worker (a pipeline may hold several)
+_OUT = "__sparkdl_prediction__"
 
 
-def features_from_arrow(
-    batch: pa.RecordBatch, cols: Sequence[str], expected_dim: int | None
+@dataclass(frozen=True)
+class ShippedModule:
+    """A module broadcast to the executors; ``key`` names it in the executors' cache."""
+
+    key: str
+    broadcast: Any
+
+
+def ship_module(spark: SparkSession, module: Any) -> ShippedModule:
+    """(driver) Broadcast ``module``'s cloudpickled bytes once; executors unpickle it once each."""
+    from pyspark import cloudpickle  # handles modules defined in notebooks and __main__
+
+    payload = cloudpickle.dumps(module.cpu().eval())
+    return ShippedModule(uuid.uuid4().hex, spark.sparkContext.broadcast(payload))
+
+
+# --- executor side -----------------------------------------------------------------------------
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "inference_device must be 'auto' or 'cpu' on executors without CUDA, got 'cuda'. "
+            "Use 'auto' to fall back to the CPU"
+        )
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    gpus = context.resources().get("gpu") if context is not None else None
+    if gpus is not None and gpus.addresses:
+        return torch.device(f"cuda:{gpus.addresses[0]}")
+    return torch.device("cuda")
+
+
+def _cpu_threads() -> None:
+    """Use the task's CPUs, not every core: several tasks share one executor."""
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    cpus = context.cpus() if context is not None else 0
+    if cpus and torch.get_num_threads() != cpus:
+        torch.set_num_threads(cpus)
+
+
+def _cached_module(shipped: ShippedModule, device: Any) -> Any:
+    key = (shipped.key, str(device))
+    module = _CACHE.get(key)
+    if module is None:
+        module = pickle.loads(shipped.broadcast.value).to(device).eval()  # noqa: S301 - ours
+        _CACHE[key] = module
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return module
+
+
+def _is_list(column: pa.Array) -> bool:
+    t = column.type
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _column_matrix(name: str, column: pa.Array, n: int) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        raise DataError(
+            f"feature column {name!r} must have no nulls, got {column.null_count} in one batch. "
+            "Fill or drop them before transform"
+        )
+    if not _is_list(column):
+        return column.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, 1)
+    import pyarrow.compute as pc
+
+    bounds = pc.min_max(pc.list_value_length(column))
+    low, high = bounds["min"].as_py() or 0, bounds["max"].as_py() or 0
+    if low != high:
+        raise DataError(
+            f"feature column {name!r} must hold arrays of one length, got lengths "
+            f"{low}..{high}. Pad or fix the rows"
+        )
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.astype(np.float32, copy=False).reshape(n, high)
+
+
+def features_from_arrays(
+    arrays: Sequence[pa.Array], names: Sequence[str], expected_dim: int | None
 ) -> np.ndarray:
-    """Columns (numeric or fixed-length arrays) of ``batch`` → float32 [rows, features], column-wise."""
-    n = batch.num_rows
-    parts = []
-    for name in cols:
-        column = batch.column(batch.schema.get_field_index(name))
-        if (
-            pa.types.is_list(column.type)
-            or pa.types.is_large_list(column.type)
-            or pa.types.is_fixed_size_list(column.type)
-        ):
-            if column.null_count:
-                raise DataError(
-                    f"feature column {name!r} must have no nulls, got {column.null_count}. Fill or drop them"
-                )
-            values = column.flatten().to_numpy(zero_copy_only=False)
-            if n and values.size % n:
-                raise DataError(
-                    f"feature column {name!r} must hold arrays of one length, got ragged arrays. Pad or fix the rows"
-                )
-            parts.append(values.reshape(n, -1).astype(np.float32, copy=False))
-        else:
-            if column.null_count:
-                raise DataError(
-                    f"feature column {name!r} must have no nulls, got {column.null_count}. Fill or drop them"
-                )
-            parts.append(
-                column.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, 1)
-            )
+    """Feature columns (numeric or fixed-length arrays) → float32 [rows, width], in order."""
+    n = len(arrays[0])
+    parts = [_column_matrix(name, col, n) for name, col in zip(names, arrays)]
     features = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     if not features.flags.writeable:  # Arrow buffers are read-only; torch wants writable memory
         features = features.copy()
     if expected_dim is not None and n and features.shape[1] != expected_dim:
+        widths = ", ".join(f"{name!r}: {part.shape[1]}" for name, part in zip(names, parts))
         raise DataError(
             f"feature width must be {expected_dim} (what the model was trained on), got "
-            f"{features.shape[1]} from columns {list(cols)}. Pass the same feature columns as in training"
+            f"{features.shape[1]} ({widths}). Pass the feature columns the model was trained on"
         )
-    return features
+    return np.ascontiguousarray(features)
 
 
-def _predict_batches(
-    batches: Iterator[pa.RecordBatch],
-    module_bc: Any,
-    cols: Sequence[str],
-    expected_dim: int | None,
-    classification: bool,
-    batch_size: int,
-    output_col: str,
-    probability_col: str | None,
-) -> Iterator[pa.RecordBatch]:
-    import torch
+@dataclass(frozen=True)
+class _Plan:
+    """What an executor needs to predict: small, pickled with the UDF."""
 
-    key = module_bc.id if hasattr(module_bc, "id") else id(module_bc)
-    module = _MODULE_CACHE.get(key)
-    if module is None:
-        module = _MODULE_CACHE[key] = pickle.loads(module_bc.value).eval()
-    for batch in batches:
-        features = features_from_arrow(batch, cols, expected_dim)
-        outputs = []
+    shipped: ShippedModule
+    names: tuple[str, ...]
+    expected_dim: int | None
+    classification: bool
+    batch_size: int
+    with_probability: bool
+    device: str
+
+
+class _Predictor:
+    """(executor) One task's predictor: the cached module on its device, batch in → outputs."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+        self.device = _device(plan.device)
+        if self.device.type == "cpu":
+            _cpu_threads()
+        self.module = _cached_module(plan.shipped, self.device)
+
+    def __call__(self, arrays: Sequence[pa.Array]) -> tuple[pa.Array, pa.Array | None]:
+        plan = self.plan
+        features = features_from_arrays(arrays, plan.names, plan.expected_dim)
+        n = len(features)
+        predictions = np.empty(n, dtype=np.float64)
+        probabilities: np.ndarray | None = None
         with torch.inference_mode():
-            for start in range(0, max(len(features), 1), batch_size):
-                chunk = torch.from_numpy(features[start : start + batch_size])
-                if len(chunk):
-                    outputs.append(module(chunk).float())
-        out = torch.cat(outputs) if outputs else torch.zeros((0, 1))
-        arrays = dict(zip(batch.schema.names, batch.columns))
-        if classification:
-            arrays[output_col] = pa.array(out.argmax(dim=1).double().numpy())
-            if probability_col:
-                probs = torch.softmax(out, dim=1).numpy().astype(np.float32)
-                arrays[probability_col] = pa.FixedSizeListArray.from_arrays(
-                    pa.array(probs.reshape(-1)), probs.shape[1] if probs.ndim == 2 else 1
-                ).cast(pa.list_(pa.float32()))
+            for start in range(0, n, plan.batch_size):
+                chunk = torch.from_numpy(features[start : start + plan.batch_size])
+                out = self.module(chunk.to(self.device, non_blocking=True)).float()
+                stop = start + len(chunk)
+                if not plan.classification:
+                    predictions[start:stop] = out.reshape(len(chunk), -1)[:, 0].cpu().numpy()
+                    continue
+                predictions[start:stop] = out.argmax(dim=1).cpu().numpy()
+                if plan.with_probability:
+                    probs = torch.softmax(out, dim=1).cpu().numpy()
+                    if probabilities is None:
+                        probabilities = np.empty((n, probs.shape[1]), dtype=np.float32)
+                    probabilities[start:stop] = probs
+        return pa.array(predictions), _list_array(probabilities, n, plan.with_probability)
+
+
+def _list_array(probabilities: np.ndarray | None, n: int, wanted: bool) -> pa.Array | None:
+    if not wanted:
+        return None
+    if probabilities is None:  # an empty batch
+        return pa.array([], type=pa.list_(pa.float32()))
+    width = probabilities.shape[1]
+    offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(probabilities.reshape(-1)))
+
+
+def _udf_body(plan: _Plan, prediction: str, probability: str):
+    def predict(batches: Iterator[Any]) -> Iterator[pa.Array]:
+        predictor: _Predictor | None = None
+        for item in batches:
+            arrays = list(item) if isinstance(item, (tuple, list)) else [item]
+            predictor = predictor or _Predictor(plan)
+            pred, prob = predictor(arrays)
+            if prob is None:
+                yield pred
+            else:
+                yield pa.StructArray.from_arrays([pred, prob], names=[prediction, probability])
+
+    return predict
+
+
+def _map_body(plan: _Plan, inputs: list[str], keep: int, outputs: list[str]):
+    def predict(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        predictor: _Predictor | None = None
+        for batch in batches:
+            predictor = predictor or _Predictor(plan)
+            pred, prob = predictor([batch.column(name) for name in inputs])
+            columns = [batch.column(i) for i in range(keep)] + [pred]
+            columns += [prob] if prob is not None else []
+            yield pa.RecordBatch.from_arrays(columns, names=batch.schema.names[:keep] + outputs)
+
+    return predict
+
+
+# --- driver side -------------------------------------------------------------------------------
+
+
+def _input_columns(df: DataFrame, feature_cols: Sequence[str], expected_dim: int | None) -> list:
+    """Checked, cast feature column expressions (float, array<float>); errors name the column."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    fields = {f.name: f.dataType for f in df.schema.fields}
+    missing = [c for c in feature_cols if c not in fields]
+    if missing:
+        raise DataError(
+            f"feature column {missing[0]!r} must exist in the DataFrame, got columns "
+            f"{df.columns} (missing: {missing}). Select or rename the columns the model was "
+            "trained on"
+        )
+    exprs, scalars = [], 0
+    for name in feature_cols:
+        dtype, col = fields[name], F.col("`" + name.replace("`", "``") + "`")
+        if isinstance(dtype, T.NumericType):
+            exprs.append(col.cast("float"))
+            scalars += 1
+        elif isinstance(dtype, T.ArrayType) and isinstance(dtype.elementType, T.NumericType):
+            exprs.append(col.cast("array<float>"))
+        elif type(dtype).__name__ == "VectorUDT":
+            exprs.append(vector_to_array(col, "float32"))
         else:
-            arrays[output_col] = pa.array(out.reshape(len(features), -1)[:, 0].double().numpy())
-        yield pa.RecordBatch.from_pydict(arrays)
+            raise DataError(
+                f"feature column {name!r} must be numeric, array<numeric> or an ML vector, got "
+                f"{dtype.simpleString()}. Pass the columns the model was trained on"
+            )
+    if expected_dim is not None and scalars == len(feature_cols) != expected_dim:
+        raise DataError(
+            f"feature width must be {expected_dim} (what the model was trained on), got "
+            f"{scalars} numeric columns {list(feature_cols)}. Pass the same feature columns"
+        )
+    return exprs
+
+
+def _arrow_udf(body: Any, kind: str) -> Any:
+    import warnings
+
+    from pyspark.sql.functions import ArrowUDFType, arrow_udf
+
+    with warnings.catch_warnings():  # "prefer type hints": the body takes 1..n columns
+        warnings.simplefilter("ignore", UserWarning)
+        return arrow_udf(body, kind, ArrowUDFType.SCALAR_ITER)
+
+
+def _with_arrow_udf(df: DataFrame, exprs: list[Column], plan: _Plan, outputs: list[str]):
+    from pyspark.sql import functions as F
+
+    prediction = outputs[0]
+    if len(outputs) == 1:
+        udf = _arrow_udf(_udf_body(plan, prediction, ""), "double")
+        return df.withColumn(prediction, udf(*exprs))
+    kind = f"struct<`{prediction}`: double, `{outputs[1]}`: array<float>>"
+    udf = _arrow_udf(_udf_body(plan, prediction, outputs[1]), kind)
+    scored = df.withColumn(_OUT, udf(*exprs))
+    return scored.select(
+        *[F.col(f"`{c}`") for c in df.columns],
+        *[F.col(_OUT).getField(name).alias(name) for name in outputs],
+    )
+
+
+def _with_map_in_arrow(df: DataFrame, exprs: list[Column], plan: _Plan, outputs: list[str]):
+    from pyspark.sql.types import ArrayType, DoubleType, FloatType, StructField, StructType
+
+    inputs = [f"__sparkdl_in_{i}__" for i in range(len(exprs))]
+    prepared = df.select("*", *[e.alias(name) for e, name in zip(exprs, inputs)])
+    fields = list(df.schema.fields) + [StructField(outputs[0], DoubleType(), False)]
+    if len(outputs) > 1:
+        fields.append(StructField(outputs[1], ArrayType(FloatType(), False), False))
+    body = _map_body(plan, inputs, len(df.columns), outputs)
+    return prepared.mapInArrow(body, StructType(fields))
 
 
 def predict_dataframe(
@@ -113,41 +324,36 @@ def predict_dataframe(
     batch_size: int = 1024,
     output_col: str = "prediction",
     probability_col: str | None = None,
+    device: str = "auto",
 ) -> DataFrame:
-    """``df`` with ``output_col`` (and ``probability_col``) appended, computed in Arrow batches."""
-    from pyspark.ml.functions import vector_to_array
-    from pyspark.ml.linalg import VectorUDT
-    from pyspark.sql.types import ArrayType, DoubleType, FloatType, StructField, StructType
+    """``df`` with ``output_col`` (and ``probability_col``) appended, computed in Arrow batches.
 
-    missing = [c for c in feature_cols if c not in df.columns]
-    if missing:
-        raise DataError(
-            f"feature columns must exist in the DataFrame, got missing {missing} "
-            f"(columns: {df.columns}). Select or rename the columns the model was trained on"
-        )
-    prepared = df
-    for field in df.schema.fields:
-        if field.name in feature_cols and isinstance(field.dataType, VectorUDT):
-            prepared = prepared.withColumn(field.name, vector_to_array(field.name, "float32"))
-    fields = list(prepared.schema.fields) + [StructField(output_col, DoubleType(), False)]
-    if classification and probability_col:
-        fields.append(StructField(probability_col, ArrayType(FloatType(), False), False))
-    spark = df.sparkSession
-    from pyspark import cloudpickle  # handles modules defined in notebooks and __main__
+    ``module`` is an ``nn.Module`` or a :class:`ShippedModule` (broadcast already). Bad
+    input raises ``DataError`` naming the column: here for a missing or non-numeric column,
+    on the executors (at the first action) for nulls, ragged arrays or a wrong width.
+    """
+    from pyspark.sql import functions as F
 
-    module_bc = spark.sparkContext.broadcast(cloudpickle.dumps(module.cpu().eval()))
-    cols = list(feature_cols)
-
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        return _predict_batches(
-            batches,
-            module_bc,
-            cols,
-            expected_dim,
-            classification,
-            batch_size,
-            output_col,
-            probability_col,
-        )
-
-    return prepared.mapInArrow(run, StructType(fields))
+    for name in (output_col, probability_col):
+        if name and name in df.columns:
+            raise DataError(
+                f"output column {name!r} must not exist in the DataFrame, got it among "
+                f"{df.columns}. Drop or rename it, or set prediction_col/probability_col"
+            )
+    exprs = _input_columns(df, feature_cols, expected_dim)
+    shipped = module if isinstance(module, ShippedModule) else ship_module(df.sparkSession, module)
+    with_probability = bool(classification and probability_col)
+    plan = _Plan(
+        shipped,
+        tuple(feature_cols),
+        expected_dim,
+        classification,
+        batch_size,
+        with_probability,
+        device,
+    )
+    outputs = [output_col] + ([probability_col] if with_probability and probability_col else [])
+    use_arrow_udf = hasattr(F, "arrow_udf") if USE_ARROW_UDF is None else USE_ARROW_UDF
+    if use_arrow_udf:
+        return _with_arrow_udf(df, exprs, plan, outputs)
+    return _with_map_in_arrow(df, exprs, plan, outputs)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from sparkdl.config import OptimConfig
 
-__all__ = ["build_loss", "build_optimizer", "is_classification"]
+__all__ = ["build_loss", "build_optimizer", "is_classification", "metric_name", "metric_sum"]
 
 _LOSSES: dict[str, Callable[[], nn.Module]] = {
     "cross_entropy": nn.CrossEntropyLoss,
@@ -25,6 +25,24 @@ _LOSSES: dict[str, Callable[[], nn.Module]] = {
 def is_classification(config: OptimConfig) -> bool:
     """Whether labels are class indices (accuracy is then reported)."""
     return config.loss in ("cross_entropy", "nll")
+
+
+def metric_name(config: OptimConfig) -> str | None:
+    """The per-epoch quality metric: accuracy for class labels, mse for regression losses."""
+    if is_classification(config):
+        return "accuracy"
+    if config.loss in ("mse", "l1", "smooth_l1"):
+        return "mse"
+    return None  # bce_with_logits or a custom loss: no metric beyond the loss
+
+
+def metric_sum(name: str | None, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of the metric (correct predictions or squared errors), on the device."""
+    if name == "accuracy":
+        return (outputs.argmax(dim=1) == labels).sum().double()
+    if name == "mse" and outputs.numel() == labels.numel():
+        return (outputs.reshape(labels.shape).double() - labels.double()).pow(2).sum()
+    return torch.zeros((), dtype=torch.float64, device=outputs.device)
 
 
 def build_loss(config: OptimConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -2,7 +2,8 @@
 
 Setup → resume (every rank loads the latest complete checkpoint, if any) → for each epoch: for
 each step: batch, forward, backward, sync, step, maybe report, maybe checkpoint → epoch metrics
-(and validation), maybe checkpoint → teardown: the chief writes the model. Pure torch: runs in
+(and validation, the early-stopping vote), maybe checkpoint → teardown: the chief writes the
+model (the best epoch's with early stopping). Pure torch: runs in
 a Spark barrier task, a local process, or a unit test alike. How ranks synchronize is the
 strategy's business (sparkdl.sync), reached through the same ``Prepared`` object that
 ``sparkdl.sync.prepare`` gives users of their own loop.
@@ -11,7 +12,8 @@ A resumed run continues at the checkpoint's step and data position with the same
 optimizer and RNG states, so with the same world size its final parameters equal those of an
 uninterrupted run. Running totals (the epoch's loss sum, samples) are summed over ranks when a
 checkpoint is taken and handed back to the chief on resume, so epoch metrics and the result's
-sample count cover the whole run, not just the last attempt.
+sample count cover the whole run, not just the last attempt. Early stopping's state (its best
+epoch and weights) is not checkpointed: after a resume it starts over from the resumed epoch.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ import torch
 
 from sparkdl.config import TrainSpec
 from sparkdl.data.loader import ShardedDataset
-from sparkdl.errors import DataError, PeerLostError
+from sparkdl.errors import ConfigError, DataError, PeerLostError
 from sparkdl.launch.channel import report_progress
 from sparkdl.launch.context import WorkerEnv, get_context
 from sparkdl.sync import SyncStrategy
 from sparkdl.sync.prepare import prepare_config
 from sparkdl.train.checkpoint import Checkpointer
-from sparkdl.train.components import build_loss, build_optimizer, is_classification
+from sparkdl.train.components import build_loss, build_optimizer, metric_name, metric_sum
+from sparkdl.train.early_stopping import EarlyStopping
 from sparkdl.train.metrics import MetricsLog
 from sparkdl.train.model_io import save_state_dict
 
@@ -60,6 +63,8 @@ class WorkerResult:
     comm_bytes: int = 0
     resumed_from_step: int | None = None
     """Step of the checkpoint this attempt resumed from (None: it started from scratch)."""
+    best_epoch: int | None = None
+    """With early stopping: the epoch whose weights were saved."""
 
 
 def train(spec: TrainSpec) -> WorkerResult:
@@ -107,7 +112,8 @@ class _Trainer:
         self.strategy: SyncStrategy = self.sync.strategy
         self.model, self.optimizer = self.sync.module, self.sync.optimizer
         self.loss_fn = build_loss(spec.optim)
-        self.classify = is_classification(spec.optim)
+        self.metric = metric_name(spec.optim)
+        self.early_stopping = self._early_stopping()
         self.loader = self.dataset.loader(
             env.rank,
             env.world_size,
@@ -138,6 +144,7 @@ class _Trainer:
         self.epoch = 0
         self.last_loss: float | None = None
         self._progress_at = 0.0
+        self.epochs_done = 0
         log.info(
             "rank %d of %d on %s: %d steps per epoch of batch %d, %d epochs",
             env.rank,
@@ -147,6 +154,17 @@ class _Trainer:
             spec.optim.batch_size,
             spec.optim.epochs,
         )
+
+    def _early_stopping(self) -> EarlyStopping | None:
+        patience = self.spec.optim.early_stopping_patience
+        if not patience:
+            return None
+        if not self.dataset.manifest.splits.get("validation", 0):
+            raise ConfigError(
+                f"early_stopping_patience needs a validation split, got {patience} with a "
+                "dataset that has none. Set validation_fraction or validation_col"
+            )
+        return EarlyStopping(patience)
 
     def train_epoch(self, epoch: int) -> None:
         """(all ranks) One pass over this rank's rows; the same number of steps on every rank."""
@@ -167,7 +185,8 @@ class _Trainer:
         for features, labels in self.loader:
             features = features.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            loss = self.loss_fn(self.model(features), labels)
+            outputs = self.model(features)
+            loss = self.loss_fn(outputs, labels)
             self._maybe_fail()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -176,6 +195,7 @@ class _Trainer:
             consumed += 1
             epoch_samples += labels.shape[0]
             tally.window += loss.detach().double()
+            tally.score += metric_sum(self.metric, outputs.detach(), labels)
             tally.window_steps += 1
             if every and self.step % every == 0:
                 window_loss = float(tally.window)
@@ -199,16 +219,21 @@ class _Trainer:
         self.train_seconds += seconds
         self.samples += epoch_samples
         epoch_bytes = float(self.strategy.comm_bytes - bytes_before)
-        self._record_epoch(epoch, seconds, [epoch_loss, epoch_samples, epoch_bytes])
+        score = float(tally.score)
+        self._record_epoch(epoch, seconds, [epoch_loss, epoch_samples, epoch_bytes, score])
 
     def _record_epoch(self, epoch: int, seconds: float, sums: list[float]) -> None:
         """(all ranks) Cross-rank epoch metrics; the only collective of an asynchronous epoch."""
-        total_loss, total_samples, total_bytes, total_steps = _all_reduce_sum(
+        total_loss, total_samples, total_bytes, total_score, total_steps = _all_reduce_sum(
             [*sums, float(self.steps_per_epoch)], self.env
         )
         mean_loss = total_loss / max(total_steps, 1)
         self._check_finite(mean_loss, epoch)
         self.last_loss = mean_loss
+        self.epochs_done = epoch + 1
+        if self.metric:  # running over the epoch's steps, like the loss (full batches: drop_last)
+            score = total_score / max(total_steps * self.spec.optim.batch_size, 1)
+            self.metrics.record(epoch, self.step, "train", self.metric, score)
         self._report_progress(epoch, int(total_samples), 0.0, seconds=seconds, epoch_end=True)
         self.metrics.record(epoch, self.step, "train", "loss", mean_loss)
         self.metrics.record(
@@ -248,10 +273,16 @@ class _Trainer:
         """(all ranks) Sum the running totals over ranks; the chief flushes metrics and commits."""
         t = self.tally
         sums = _all_reduce_sum(
-            [t.loss_sum, float(t.window), float(t.window_steps), float(self.samples + samples)],
+            [
+                t.loss_sum,
+                float(t.window),
+                float(t.window_steps),
+                float(self.samples + samples),
+                float(t.score),
+            ],
             self.env,
         )
-        totals = dict(zip(("loss_sum", "window", "window_steps", "samples"), sums))
+        totals = dict(zip(("loss_sum", "window", "window_steps", "samples", "score"), sums))
         totals["latest"] = dict(self.metrics.latest)  # type: ignore[assignment]
         self.checkpointer.save(
             step=self.step,
@@ -275,7 +306,7 @@ class _Trainer:
         meta = loaded.info.meta
         self.step = self.resumed_from_step = loaded.info.step
         position = dict(meta["position"])
-        self.start_epoch = int(position["epoch"])
+        self.start_epoch = self.epochs_done = int(position["epoch"])
         self._position = position if int(position["batches_consumed"]) > 0 else None
         totals = meta.get("totals", {})
         self.metrics.latest.update(totals.get("latest", {}))
@@ -342,10 +373,10 @@ class _Trainer:
                 "Lower learning_rate, scale features, or check labels for out-of-range values"
             )
 
-    def evaluate(self, epoch: int) -> None:
-        """(all ranks) Loss (and accuracy) on the validation split, when the dataset has one."""
+    def evaluate(self, epoch: int) -> float | None:
+        """(all ranks) Validation loss (and metric), reduced over ranks; None without a split."""
         if self.dataset.manifest.splits.get("validation", 0) == 0:
-            return
+            return None
         self.model.eval()
         loader = self.dataset.loader(
             self.env.rank,
@@ -356,7 +387,7 @@ class _Trainer:
             drop_last=False,
             reader=self.spec.optim.reader,
         )
-        loss_sum, count, correct = 0.0, 0.0, 0.0
+        loss_sum, count, score = 0.0, 0.0, 0.0
         # Sharded modules gather parameters in forward (a collective): every rank runs as many
         # forwards as the rank with the most batches, the extra ones on zero rows.
         extra = _all_reduce_max(len(loader), self.env) - len(loader)
@@ -366,20 +397,51 @@ class _Trainer:
                 outputs = self.model(features)
                 loss_sum += float(self.loss_fn(outputs, labels)) * labels.shape[0]
                 count += labels.shape[0]
-                if self.classify:
-                    correct += float((outputs.argmax(dim=1) == labels).sum())
+                score += float(metric_sum(self.metric, outputs, labels))
             for _ in range(extra):
                 self.model(torch.zeros(0, self.dataset.feature_dim, device=self.device))
-        loss_sum, count, correct = _all_reduce_sum([loss_sum, count, correct], self.env)
-        if count:
-            self.metrics.record(epoch, self.step, "validation", "loss", loss_sum / count)
-            if self.classify:
-                self.metrics.record(epoch, self.step, "validation", "accuracy", correct / count)
+        loss_sum, count, score = _all_reduce_sum([loss_sum, count, score], self.env)
+        if not count:
+            return None
+        self.metrics.record(epoch, self.step, "validation", "loss", loss_sum / count)
+        if self.metric:
+            self.metrics.record(epoch, self.step, "validation", self.metric, score / count)
+        return loss_sum / count
+
+    def should_stop(self, epoch: int, validation_loss: float | None) -> bool:
+        """(all ranks) Early stopping on the all-reduced validation loss.
+
+        Every rank sees the same reduced loss; the improvement vote is reduced too, so every
+        rank snapshots the best weights (a collective for sharded strategies) and leaves the
+        loop after the same epoch.
+        """
+        stopping = self.early_stopping
+        if stopping is None or validation_loss is None:
+            return False
+        (votes,) = _all_reduce_sum([1.0 if stopping.improves(validation_loss) else 0.0], self.env)
+        state = None
+        if votes:
+            state = self.strategy.final_state_dict()  # the chief's copy; None on other ranks
+            if state is not None:  # detach from the live parameters (CPU tensors alias them)
+                state = {k: v.clone() for k, v in state.items()}
+        stop = stopping.update(epoch, validation_loss, improved=votes > 0, state=state)
+        if stop and self.env.is_chief:
+            log.info(
+                "early stopping after epoch %d; keeping epoch %s (validation loss %.5f)",
+                epoch,
+                stopping.best_epoch,
+                stopping.best_value,
+            )
+        return stop
 
     def finish(self) -> WorkerResult:
         """(chief only for the writes) Save the model of record; every rank returns its record."""
         model_dir = None
-        state = self.strategy.final_state_dict()
+        best = self.early_stopping
+        if best is not None and best.best_epoch is not None:
+            state = best.best_state  # the same branch on every rank: no collective is skipped
+        else:
+            state = self.strategy.final_state_dict()
         if self.env.is_chief:
             assert state is not None
             model_dir = os.path.join(self.spec.run_dir, "model")
@@ -389,12 +451,13 @@ class _Trainer:
             rank=self.env.rank,
             steps=self.step,
             samples=self.samples,
-            epochs=self.spec.optim.epochs,
+            epochs=self.epochs_done,
             metrics=dict(self.metrics.latest),
             timings={"train_seconds": self.train_seconds},
             model_dir=model_dir,
             comm_bytes=self.strategy.comm_bytes,
             resumed_from_step=self.resumed_from_step,
+            best_epoch=best.best_epoch if best is not None else None,
         )
 
 
@@ -405,16 +468,19 @@ class _Tally:
     def __init__(self, device: torch.device) -> None:
         # Losses accumulate on the device; reading them back (a sync on GPU) happens per window.
         self.window = torch.zeros((), dtype=torch.float64, device=device)
+        self.score = torch.zeros((), dtype=torch.float64, device=device)  # correct or sq. error
         self.window_steps = 0
         self.loss_sum = 0.0
 
     def reset(self) -> None:
         self.window.zero_()
+        self.score.zero_()
         self.window_steps = 0
         self.loss_sum = 0.0
 
     def restore(self, totals: dict[str, Any]) -> None:
         self.window.fill_(float(totals.get("window", 0.0)))
+        self.score.fill_(float(totals.get("score", 0.0)))
         self.window_steps = int(totals.get("window_steps", 0))
         self.loss_sum = float(totals.get("loss_sum", 0.0))
 
@@ -470,8 +536,10 @@ def run_worker(spec: TrainSpec, env: WorkerEnv) -> WorkerResult:
         trainer.resume()
         for epoch in range(trainer.start_epoch, spec.optim.epochs):
             trainer.train_epoch(epoch)
-            trainer.evaluate(epoch)
+            stop = trainer.should_stop(epoch, trainer.evaluate(epoch))
             trainer.end_epoch(epoch)
+            if stop:
+                break
     except Exception as exc:
         lost = _peer_lost(exc, trainer)
         if lost is exc:

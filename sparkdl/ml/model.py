@@ -1,0 +1,238 @@
+"""[driver] TorchModel: a trained torch module as a Spark ML Model (transform, save, load).
+
+``transform(df)`` appends ``prediction_col`` (class index as double for classification, the
+first output for regression) and, when ``probability_col`` is set, class probabilities
+(array<float>), in Arrow batches (see :mod:`sparkdl.ml.inference`). ``save(path)`` writes the
+Params, the weights (``state_dict.pt``, read back with ``weights_only=True``) and how to
+rebuild the architecture (see :mod:`sparkdl.ml.persistence` for when pickle is involved).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from pyspark.ml.base import Model
+from pyspark.ml.util import MLReadable, MLWritable
+
+from sparkdl.artifacts import RunDirectory
+from sparkdl.config import ModelSpec
+from sparkdl.data import storage
+from sparkdl.errors import ConfigError
+from sparkdl.ml.inference import DEVICES, ShippedModule, predict_dataframe, ship_module
+from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_list, with_params
+from sparkdl.ml.persistence import ParamsReader, ParamsWriter, untrusted_error
+from sparkdl.train.model_io import ARCH_FILE, META_FILE, STATE_FILE, model_meta, weights_bytes
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+__all__ = ["OUTPUT_PARAMS", "TorchModel", "check_output_params"]
+
+MODEL_DIR = "model"
+
+OUTPUT_PARAMS = (
+    ParamSpec(
+        "prediction_col",
+        "prediction",
+        "output column: the class index (double) for classification, the value for regression",
+    ),
+    ParamSpec(
+        "probability_col",
+        "",
+        "output column of class probabilities (array<float>, softmax of the outputs) for "
+        "classification; empty: not produced",
+    ),
+    ParamSpec("inference_batch_size", 1024, "rows per forward pass in transform"),
+    ParamSpec(
+        "inference_device",
+        "auto",
+        "'auto' (the task's GPU when it has one, else CPU), 'cpu' or 'cuda'",
+    ),
+)
+
+
+def check_output_params(values: dict[str, Any]) -> None:
+    """ConfigError for a bad prediction_col / probability_col / inference_* value."""
+    for name in ("prediction_col", "probability_col"):
+        value = values.get(name)
+        if not isinstance(value, str) or (name == "prediction_col" and not value):
+            raise ConfigError(
+                f"{name} must be a column name, got {value!r}. Pass e.g. 'prediction'"
+            )
+    size = values.get("inference_batch_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(
+            f"inference_batch_size must be an integer ≥ 1, got {size!r}. Use e.g. 1024"
+        )
+    if values.get("inference_device") not in DEVICES:
+        raise ConfigError(
+            f"inference_device must be one of {DEVICES}, got {values.get('inference_device')!r}. "
+            "Use 'auto'"
+        )
+
+
+@with_params(
+    (
+        ParamSpec(
+            "feature_cols",
+            REQUIRED,
+            "input columns (numeric, array<numeric> or ML vector), concatenated in order",
+            convert=as_list,
+        ),
+        ParamSpec("label_col", "label", "the label column the model was trained on"),
+        *OUTPUT_PARAMS,
+    )
+)
+class TorchModel(TableParams, Model, MLWritable, MLReadable["TorchModel"]):
+    """A trained torch module with the columns it reads; ``transform(df)`` appends predictions.
+
+    ``module`` is the ``nn.Module``; ``classification`` picks argmax (class index) or the raw
+    output as the prediction; ``feature_dim`` (when known) is checked against the input width.
+    ``run_dir`` links the model to its training run (``summary``, ``metrics``).
+    """
+
+    def __init__(
+        self,
+        module: Any = None,
+        *,
+        classification: bool = True,
+        feature_dim: int | None = None,
+        run_dir: str | None = None,
+        model_spec: ModelSpec | None = None,
+        **params: Any,
+    ) -> None:
+        self._init_state()
+        self.module = module
+        self.classification = classification
+        self.feature_dim = feature_dim
+        self.run_dir = run_dir
+        self.model_spec = model_spec
+        self._init_params(params)
+
+    def _init_state(self) -> None:
+        self._module: Any = None
+        self._shipped: tuple[Any, ShippedModule] | None = None
+        self.classification, self.feature_dim = True, None
+        self.run_dir, self.model_spec = None, None
+
+    def _validate(self) -> None:
+        check_output_params(self.values())
+        cols = self.get("feature_cols")
+        if not isinstance(cols, list) or not cols or not all(isinstance(c, str) for c in cols):
+            raise ConfigError(
+                f"feature_cols must be a non-empty list of column names, got {cols!r}. "
+                'Pass e.g. feature_cols=["features"]'
+            )
+
+    @property
+    def module(self) -> Any:
+        """The torch module; assigning a new one re-ships it on the next transform."""
+        return self._module
+
+    @module.setter
+    def module(self, module: Any) -> None:
+        self._module = module.eval() if module is not None else None
+        self._shipped = None
+
+    # --- results of the training run ---------------------------------------------------------
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The run's run.json (status, config, versions, timings, final metrics)."""
+        return self._run().summary()
+
+    @property
+    def metrics(self) -> DataFrame:
+        """Training metrics as a Spark DataFrame (epoch, step, split, name, value, wall_time)."""
+        from pyspark.sql import SparkSession
+
+        spark = SparkSession.getActiveSession()
+        if spark is None:
+            raise ConfigError("metrics need an active SparkSession, got none. Create one first")
+        return self._run().metrics_df(spark)
+
+    def _run(self) -> RunDirectory:
+        if not self.run_dir:
+            raise ConfigError(
+                "run_dir must be set for a training summary or metrics, got a model without "
+                "one. Use the model returned by fit (or loaded from one)"
+            )
+        return RunDirectory(self.run_dir)
+
+    # --- transform ---------------------------------------------------------------------------
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        if self._module is None:
+            raise ConfigError("module must be set to transform, got None. Pass the torch module")
+        spark = dataset.sparkSession
+        context = spark.sparkContext
+        if self._shipped is None or self._shipped[0] is not context:
+            self._shipped = (context, ship_module(spark, self._module))
+        return predict_dataframe(
+            dataset,
+            self._shipped[1],
+            self.get("feature_cols"),
+            classification=self.classification,
+            expected_dim=self.feature_dim,
+            batch_size=self.get("inference_batch_size"),
+            output_col=self.get("prediction_col"),
+            probability_col=self.get("probability_col") or None,
+            device=self.get("inference_device"),
+        )
+
+    # --- persistence -------------------------------------------------------------------------
+
+    def write(self) -> ParamsWriter:
+        """Writer: ``model.write().overwrite().save(path)``."""
+        return ParamsWriter(self)
+
+    @classmethod
+    def read(cls, trust_pickle: bool = False) -> ParamsReader:
+        return ParamsReader(cls, trust_pickle=trust_pickle)
+
+    @classmethod
+    def load(cls, path: str, trust_pickle: bool = False) -> TorchModel:
+        """Load a saved model; ``trust_pickle`` allows unpickling a pickled architecture."""
+        return cls.read(trust_pickle=trust_pickle).load(path)
+
+    def _extra_metadata(self) -> dict[str, Any]:
+        return {
+            "classification": self.classification,
+            "feature_dim": self.feature_dim,
+            "run_dir": self.run_dir,
+        }
+
+    def _save_data(self, fs: Any, root: str) -> None:
+        from pyspark import cloudpickle
+
+        if self._module is None:
+            raise ConfigError("module must be set to save a TorchModel, got None")
+        spec = self.model_spec or ModelSpec(factory=self._module)
+        meta = model_meta(
+            spec, {**self._extra_metadata(), "feature_cols": self.get("feature_cols")}
+        )
+        files = {
+            STATE_FILE: weights_bytes(self._module),
+            META_FILE: json.dumps(meta, indent=2, sort_keys=True).encode(),
+        }
+        if spec.import_path is None:
+            files[ARCH_FILE] = cloudpickle.dumps(spec)
+        for name, data in files.items():
+            storage.write_bytes_atomic(fs, storage.join(root, MODEL_DIR, name), data)
+
+    def _load_data(self, fs: Any, root: str, extra: dict[str, Any], trusted: bool) -> None:
+        from sparkdl.train.model_io import module_from_bytes
+
+        def read(name: str) -> bytes:
+            return storage.read_bytes(fs, storage.join(root, MODEL_DIR, name))
+
+        meta = json.loads(read(META_FILE))
+        if not meta.get("factory") and not trusted:
+            raise untrusted_error(root, "a model architecture built from a Python object")
+        self.module = module_from_bytes(meta, read, trust_pickle=trusted, where=root)
+        self.classification = bool(extra.get("classification", True))
+        self.feature_dim = extra.get("feature_dim")
+        self.run_dir = extra.get("run_dir")
+        if meta.get("factory"):
+            self.model_spec = ModelSpec(factory=meta["factory"], kwargs=meta.get("kwargs", {}))

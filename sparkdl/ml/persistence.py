@@ -1,0 +1,138 @@
+"""[driver] Saving and loading TorchEstimator / TorchModel (MLWritable / MLReadable).
+
+Layout under a saved path (a local path or any URI Spark and ``pyarrow.fs`` both reach)::
+
+    metadata/     Spark's DefaultParams JSON: class, uid, paramMap (JSON values), defaults
+    objects.pkl   cloudpickled values that are not JSON (a model object, a loss callable ...)
+    model/        TorchModel only: state_dict.pt (weights_only), model.json, architecture.pkl
+
+The rule: anything that needs unpickling to load (``objects.pkl``; ``architecture.pkl`` when
+the model has no import path) is read only when trusted, through ``load(path,
+trust_pickle=True)`` or, for a Pipeline / PipelineModel that holds the stage, inside ``with
+sparkdl.ml.trust_pickle():``. Weights are always read with ``torch.load(weights_only=True)``.
+A model given as an import path (``"package.module:factory"``) loads with no pickle at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import json
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
+
+from sparkdl.data import storage
+from sparkdl.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from sparkdl.ml.params import TableParams
+
+__all__ = ["ParamsReader", "ParamsWriter", "is_trusted", "trust_pickle", "OBJECTS_FILE"]
+
+log = logging.getLogger("sparkdl")
+
+OBJECTS_FILE = "objects.pkl"
+_TRUST: contextvars.ContextVar[bool] = contextvars.ContextVar("sparkdl_trust", default=False)
+
+
+@contextlib.contextmanager
+def trust_pickle() -> Iterator[None]:
+    """Within the block, loading may unpickle saved Python objects: trust the writer first."""
+    token = _TRUST.set(True)
+    try:
+        yield
+    finally:
+        _TRUST.reset(token)
+
+
+def is_trusted(explicit: bool = False) -> bool:
+    return explicit or _TRUST.get()
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def untrusted_error(path: str, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} holds {what} stored pickled (unpickling runs code). Load it with "
+        "load(path, trust_pickle=True), or inside `with sparkdl.ml.trust_pickle():` for a "
+        "Pipeline, if you trust whoever wrote it; or give the model as an import path"
+    )
+
+
+class ParamsWriter(MLWriter):
+    """Writes the Params (JSON where possible, else pickled) and the instance's own data."""
+
+    def __init__(self, instance: TableParams) -> None:
+        super().__init__()
+        self.instance = instance
+
+    def save(self, path: str) -> None:
+        fs, root = storage.resolve(path)
+        if storage.exists(fs, root) and not self.shouldOverwrite:
+            raise ConfigError(
+                f"path must not exist, got existing {path!r}. Use "
+                "model.write().overwrite().save(path) to replace it, or choose another path"
+            )
+        super().save(path)
+
+    def saveImpl(self, path: str) -> None:
+        inst = self.instance
+        params = {p.name: v for p, v in inst._paramMap.items()}
+        plain = {k: v for k, v in params.items() if _is_json(v)}
+        objects = {k: v for k, v in params.items() if k not in plain}
+        extra = {"sparkdl": inst._extra_metadata()}
+        DefaultParamsWriter.saveMetadata(inst, path, self.sparkSession, extra, plain)
+        fs, root = storage.resolve(path)
+        if objects:
+            from pyspark import cloudpickle
+
+            data = cloudpickle.dumps(objects)
+            storage.write_bytes_atomic(fs, storage.join(root, OBJECTS_FILE), data)
+        inst._save_data(fs, root)
+
+
+class ParamsReader(MLReader):
+    """Reads what ParamsWriter wrote into a fresh instance of the saved class."""
+
+    def __init__(self, cls: type, trust_pickle: bool = False) -> None:
+        super().__init__()
+        self.cls = cls
+        self.trust_pickle = trust_pickle
+
+    def load(self, path: str) -> Any:
+        metadata = DefaultParamsReader.loadMetadata(path, self.sparkSession)
+        module_name, _, name = metadata["class"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), name)
+        if not (isinstance(cls, type) and issubclass(cls, self.cls)):
+            raise ConfigError(
+                f"the saved class must be a {self.cls.__name__}, got {metadata['class']} in "
+                f"{path}. Load it with that class"
+            )
+        instance = cls._blank()
+        instance._resetUid(metadata["uid"])
+        known = {s.name for s in cls._param_specs}
+        defaults = {k: v for k, v in metadata.get("defaultParamMap", {}).items() if k in known}
+        instance._setDefault(**defaults)
+        instance._assign({k: v for k, v in metadata["paramMap"].items() if k in known})
+        fs, root = storage.resolve(path)
+        objects_path = storage.join(root, OBJECTS_FILE)
+        if storage.exists(fs, objects_path):
+            if not is_trusted(self.trust_pickle):
+                raise untrusted_error(path, "parameter values (e.g. a model object)")
+            import pickle
+
+            values = pickle.loads(storage.read_bytes(fs, objects_path))  # noqa: S301 - trusted
+            instance._assign({k: v for k, v in values.items() if k in known})
+        instance._load_data(fs, root, metadata.get("sparkdl", {}), is_trusted(self.trust_pickle))
+        instance._validate()
+        return instance
