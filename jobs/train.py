@@ -2,6 +2,9 @@
 
 spark-submit jobs/train.py --config jobs/configs/digits.toml [--set training.epochs=3 ...]
 python jobs/train.py --config jobs/configs/digits.toml        # local Spark from [spark]
+Trains from data.dataset (a ShardedDataset from jobs/prepare.py) when set, else from
+data.train; saves the TorchModel to run.model_path (default <run.run_dir>/spark_model) for
+jobs/predict.py, and scores data.test when set.
 """
 
 from __future__ import annotations
@@ -12,12 +15,8 @@ import sys
 from pyspark.sql import functions as F
 
 import sparkdl
-from sparkdl.cli import load_config, parse_args, spark_session_for_job
+from sparkdl.cli import load_config, parse_args, read_input, saved_model_path, spark_session_for_job
 from sparkdl.launch.launcher import job_description, spark_job_phase
-
-
-def read_table(spark, path: str, fmt: str):
-    return spark.read.format(fmt).load(path) if fmt != "table" else spark.table(path)
 
 
 def main(argv=None) -> int:
@@ -31,6 +30,7 @@ def main(argv=None) -> int:
         feature_cols=data["feature_cols"],
         label_col=data["label_col"],
         validation_fraction=data["validation_fraction"],
+        validation_col=data["validation_col"],
         run_dir=run["run_dir"],
         overwrite=run["mode"] == "overwrite",
         resume=run["mode"] == "resume",
@@ -39,29 +39,28 @@ def main(argv=None) -> int:
     source = (
         sparkdl.ShardedDataset.load(data["dataset"])
         if data["dataset"]
-        else read_table(spark, data["train"], data["format"])
+        else read_input(spark, data["train"], data["format"], data["options"])
     )
     model = estimator.fit(source)
     summary = model.summary
     print(
         f"training: {summary['status']} in {summary['timings']['total_s']:.1f} s, "
-        f"final metrics {summary['metrics']}"
+        f"{summary['epochs_run']} epochs, final metrics {summary['metrics']}"
     )
+    writer = model.write().overwrite() if run["mode"] == "overwrite" else model.write()
+    writer.save(saved_model_path(config))
     if data["test"]:
-        test = read_table(spark, data["test"], data["format"])
-        scored = model.transform(test)
+        label = F.col(data["label_col"])
+        scored = model.transform(read_input(spark, data["test"], data["format"], data["options"]))
         run_name = os.path.basename(os.path.normpath(model.run_dir))
         with spark_job_phase(spark.sparkContext, job_description(run_name, "predict")):
-            if estimator.optim.loss in ("cross_entropy", "nll"):
-                value = scored.select(
-                    F.avg((F.col("prediction") == F.col(data["label_col"])).cast("double"))
-                ).first()[0]
-                print(f"test accuracy: {value:.4f}")
+            if model.classification:
+                hits = (F.col("prediction") == label).cast("double")
+                print(f"test accuracy: {scored.select(F.avg(hits)).first()[0]:.4f}")
             else:
-                value = scored.select(
-                    F.sqrt(F.avg((F.col("prediction") - F.col(data["label_col"])) ** 2))
-                ).first()[0]
-                print(f"test rmse: {value:.4f}")
+                errors = (F.col("prediction") - label) ** 2
+                print(f"test rmse: {scored.select(F.sqrt(F.avg(errors))).first()[0]:.4f}")
+    print(f"model: {saved_model_path(config)}")
     print(f"run directory: {model.run_dir}")
     return 0
 

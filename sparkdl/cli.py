@@ -1,6 +1,9 @@
 """[driver] Jobs' configuration: a TOML file plus ``--set section.key=value`` overrides → checked dict.
 
-Every key is known: a misspelt key is a ConfigError naming it and the keys allowed there.
+Every key is known: a misspelt key is a ConfigError naming it and the keys allowed there. The
+sections: ``spark`` (local session), ``data`` (input and columns; shared by the three jobs),
+``prepare`` (jobs/prepare.py), ``model`` and ``training`` (TorchEstimator), ``run`` (run
+directory, saved model), ``predict`` (jobs/predict.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["DEFAULTS", "RUN_MODES", "load_config", "parse_args", "spark_session_for_job"]
+__all__ = [
+    "DEFAULTS",
+    "RUN_MODES",
+    "load_config",
+    "parse_args",
+    "read_input",
+    "saved_model_path",
+    "spark_session_for_job",
+]
 
 RUN_MODES = ("error", "overwrite", "resume")
 """run.mode: refuse an existing run_dir, replace it, or continue the run in it."""
@@ -30,10 +41,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "test": "",
         "format": "parquet",
         "dataset": "",
+        "options": {},
         "feature_cols": ["features"],
         "label_col": "label",
+        "cast": {},
         "validation_fraction": 0.0,
+        "validation_col": "",
     },
+    "prepare": {"num_shards": 0, "mode": "error"},
     "model": {"factory": "", "kwargs": {}},
     "training": {
         "loss": "cross_entropy",
@@ -55,9 +70,24 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "keep_last": 2,
         "on_invalid": "error",
         "progress": True,
+        "early_stopping_patience": 0,
     },
-    "run": {"run_dir": "runs/run", "mode": "error"},
+    "run": {"run_dir": "runs/run", "mode": "error", "model_path": ""},
+    "predict": {
+        "model": "",
+        "input": "",
+        "format": "",
+        "output": "",
+        "mode": "error",
+        "keep_cols": [],
+        "probability_col": "",
+        "batch_size": 1024,
+    },
 }
+# Tables whose keys are the user's own (factory kwargs, reader options, column casts).
+FREE_FORM = frozenset({"kwargs", "strategy_options", "options", "cast"})
+MODES = {"run.mode": RUN_MODES, "prepare.mode": ("error", "overwrite", "reuse")}
+MODES["predict.mode"] = ("error", "overwrite")
 
 
 def _parse_value(text: str) -> Any:
@@ -74,7 +104,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any], where: str) -> None:
             raise ConfigError(
                 f"config key {where}{key} must be one of {sorted(base)}, got {key!r}. Fix the spelling"
             )
-        if isinstance(base[key], dict) and key != "kwargs" and key != "strategy_options":
+        if isinstance(base[key], dict) and key not in FREE_FORM:
             if not isinstance(value, dict):
                 raise ConfigError(
                     f"config key {where}{key} must be a table, got {value!r}. Use [{key}]"
@@ -112,11 +142,32 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> dict[str, An
             cursor = cursor.setdefault(part, {})
         cursor[leaf] = _parse_value(text.strip())
         _merge(config, nested, "")
-    if config["run"]["mode"] not in RUN_MODES:
-        raise ConfigError(
-            f"run.mode must be one of {RUN_MODES}, got {config['run']['mode']!r}. Pick one"
-        )
+    for key, allowed in MODES.items():
+        section, name = key.split(".")
+        if config[section][name] not in allowed:
+            raise ConfigError(
+                f"{key} must be one of {allowed}, got {config[section][name]!r}. Pick one"
+            )
     return config
+
+
+def read_input(spark: Any, path: str, fmt: str, options: dict[str, Any] | None = None) -> Any:
+    """A DataFrame from ``path``: any ``spark.read`` format with ``options``, or a table."""
+    if not path:
+        raise ConfigError("the input path must be set, got ''. Set data.train or predict.input")
+    if fmt == "table":
+        return spark.table(path)
+    reader = spark.read.format(fmt)
+    for key, value in (options or {}).items():
+        reader = reader.option(key, str(value).lower() if isinstance(value, bool) else value)
+    return reader.load(path)
+
+
+def saved_model_path(config: dict[str, Any]) -> str:
+    """Where jobs/train.py saves the TorchModel (run.model_path, else <run_dir>/spark_model)."""
+    import os
+
+    return config["run"]["model_path"] or os.path.join(config["run"]["run_dir"], "spark_model")
 
 
 def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:

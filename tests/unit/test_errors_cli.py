@@ -69,3 +69,23 @@ def test_config_errors(overrides, match):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="existing file"):
         load_config("/nonexistent/job.toml")
+
+
+def test_pipeline_job_sections():
+    config = load_config(
+        None,
+        [
+            "data.cast={label = 'int'}",
+            "data.options={header = true}",
+            "prepare.mode=reuse",
+            "predict.keep_cols=['id']",
+            "training.early_stopping_patience=3",
+        ],
+    )
+    assert config["data"]["cast"] == {"label": "int"}
+    assert config["data"]["options"] == {"header": True}
+    assert config["prepare"]["mode"] == "reuse" and config["predict"]["keep_cols"] == ["id"]
+    with pytest.raises(ConfigError, match="prepare.mode"):
+        load_config(None, ["prepare.mode=append"])
+    with pytest.raises(ConfigError, match="predict.mode"):
+        load_config(None, ["predict.mode=reuse"])
