@@ -141,15 +141,15 @@ def features_from_arrays(
     n = len(arrays[0])
     parts = [_column_matrix(name, col, n) for name, col in zip(names, arrays)]
     features = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-    if not features.flags.writeable:  # Arrow buffers are read-only; torch wants writable memory
-        features = features.copy()
     if expected_dim is not None and n and features.shape[1] != expected_dim:
         widths = ", ".join(f"{name!r}: {part.shape[1]}" for name, part in zip(names, parts))
         raise DataError(
             f"feature width must be {expected_dim} (what the model was trained on), got "
             f"{features.shape[1]} ({widths}). Pass the feature columns the model was trained on"
         )
-    return np.ascontiguousarray(features)
+    if not (features.flags.writeable and features.flags.c_contiguous):
+        features = np.array(features, order="C")  # Arrow buffers are read-only; torch writes
+    return features
 
 
 @dataclass(frozen=True)
