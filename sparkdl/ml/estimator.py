@@ -254,6 +254,7 @@ class TorchEstimator(TableParams, Estimator[TorchModel], MLWritable, MLReadable[
         from sparkdl.train.worker import train
 
         data = dataset
+        self._validate()  # fit(df, params) fits a copy whose extra params were not checked
         configs = self._configs()
         self._check_validation(data)
         spark = (
@@ -381,12 +382,3 @@ class TorchEstimator(TableParams, Estimator[TorchModel], MLWritable, MLReadable[
     def load(cls, path: str, trust_pickle: bool = False) -> TorchEstimator:
         """Load a saved estimator; ``trust_pickle`` allows unpickling a model object/callable."""
         return cls.read(trust_pickle=trust_pickle).load(path)
-
-    def _extra_metadata(self) -> dict[str, Any]:
-        return {}
-
-    def _save_data(self, fs: Any, root: str) -> None:
-        """An estimator has no data beyond its Params."""
-
-    def _load_data(self, fs: Any, root: str, extra: dict[str, Any], trusted: bool) -> None:
-        """An estimator has no data beyond its Params."""

@@ -47,7 +47,7 @@ OUTPUT_PARAMS = (
     ParamSpec(
         "inference_device",
         "auto",
-        "'auto' (the task's GPU when it has one, else CPU), 'cpu' or 'cuda'",
+        "'auto' (the task's Spark GPU, else a visible CUDA device, else the CPU), 'cpu', 'cuda'",
     ),
 )
 

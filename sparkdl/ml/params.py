@@ -171,6 +171,16 @@ class TableParams(Params):
     def _validate(self) -> None:
         """Raise ConfigError for bad values (overridden: build the config objects)."""
 
+    # Persistence hooks (sparkdl.ml.persistence): data beyond the Params, none by default.
+    def _extra_metadata(self) -> dict[str, Any]:
+        return {}
+
+    def _save_data(self, fs: Any, root: str) -> None:
+        """Write the instance's own files under ``root`` (a pyarrow filesystem path)."""
+
+    def _load_data(self, fs: Any, root: str, extra: dict[str, Any], trusted: bool) -> None:
+        """Read what _save_data wrote; ``extra`` is _extra_metadata's saved dict."""
+
 
 def _getter(name: str) -> Callable[[Any], Any]:
     def get(self: TableParams) -> Any:

@@ -104,7 +104,7 @@ class ParamsWriter(MLWriter):
 class ParamsReader(MLReader):
     """Reads what ParamsWriter wrote into a fresh instance of the saved class."""
 
-    def __init__(self, cls: type, trust_pickle: bool = False) -> None:
+    def __init__(self, cls: type[TableParams], trust_pickle: bool = False) -> None:
         super().__init__()
         self.cls = cls
         self.trust_pickle = trust_pickle
@@ -113,12 +113,12 @@ class ParamsReader(MLReader):
         metadata = DefaultParamsReader.loadMetadata(path, self.sparkSession)
         module_name, _, name = metadata["class"].rpartition(".")
         cls = getattr(importlib.import_module(module_name), name)
-        if not (isinstance(cls, type) and issubclass(cls, self.cls)):
+        if not (isinstance(cls, type) and issubclass(cls, self.cls) and cls._param_specs):
             raise ConfigError(
                 f"the saved class must be a {self.cls.__name__}, got {metadata['class']} in "
                 f"{path}. Load it with that class"
             )
-        instance = cls._blank()
+        instance: TableParams = cls._blank()
         instance._resetUid(metadata["uid"])
         known = {s.name for s in cls._param_specs}
         defaults = {k: v for k, v in metadata.get("defaultParamMap", {}).items() if k in known}
