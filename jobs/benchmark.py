@@ -464,7 +464,8 @@ def inference_markdown(rows: int, args, best: dict[str, float], load: str) -> st
         f"[{args.features}]` (+ `id`) from Parquet, MLP {args.features}→{args.hidden}→"
         f"{args.classes} (ReLU), class index out; Spark `{args.master}`, Arrow batches of "
         "10,000 rows, forward passes of "
-        f"{args.batch_size:,} rows; every plan runs to a `noop` write (all columns "
+        f"{args.batch_size:,} rows (sparkdl, predict_batch_udf; the pandas_udf does a whole "
+        "Arrow batch at once); every plan runs to a `noop` write (all columns "
         "materialized); methods interleaved over "
         f"{args.rounds} rounds, best kept (the first round warms the Python workers). The "
         "pandas_udf baseline is the documented iterator idiom: the module broadcast once, "
@@ -489,6 +490,7 @@ def run_inference(args: argparse.Namespace) -> None:
     rows = df.count()
     plans = _inference_plans(spark, df, args)
     best: dict[str, float] = {}
+    loads = [os.getloadavg()[0]]
     for round_ in range(args.rounds):
         for method, plan in plans.items():
             start = time.perf_counter()
@@ -496,7 +498,11 @@ def run_inference(args: argparse.Namespace) -> None:
             rate = rows / (time.perf_counter() - start)
             print(json.dumps({"round": round_, "method": method, "rows_per_s": rate}), flush=True)
             best[method] = max(best.get(method, 0.0), rate)
-    load = f" Load average during the run: {os.getloadavg()[0]:.1f}."
+        loads.append(os.getloadavg()[0])
+    load = (
+        f" Load average during the run (other jobs share these cores): "
+        f"{min(loads):.1f}–{max(loads):.1f}."
+    )
     markdown = inference_markdown(rows, args, best, load)
     print(markdown)
     if args.out:
@@ -509,7 +515,7 @@ def add_inference(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", type=int, default=32)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=10_000, help="rows per forward pass")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per forward pass")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the methods")
     p.add_argument("--master", default="local[2]")
     p.add_argument("--data-dir", default=os.path.join(REPO, "runs", "benchmark-data"))

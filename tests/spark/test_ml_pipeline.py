@@ -189,6 +189,9 @@ def test_early_stopping_stops_and_keeps_the_best_epoch(early_stopped):
     assert all(abs(sum(r.probability) - 1) < 1e-4 for r in scored)
     assert all(int(np.argmax(r.probability)) == r.prediction for r in scored)
     assert sorted(os.listdir(os.path.join(model.run_dir, "plots"))) == ["accuracy.png", "loss.png"]
+    dataset = sparkdl.ShardedDataset.load(os.path.join(model.run_dir, "data"))
+    assert dataset.manifest.splits["validation"] == validation.count()
+    assert [c["name"] for c in dataset.manifest.schema] == ["features", "label"]  # no flag column
 
 
 def test_torch_model_save_load_needs_no_pickle_for_an_import_path(early_stopped, tmp_path):

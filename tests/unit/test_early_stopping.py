@@ -12,6 +12,7 @@ import torch
 
 from sparkdl.artifacts import epoch_metrics, plot_epochs
 from sparkdl.config import ModelSpec, OptimConfig, TrainSpec
+from sparkdl.data import materialize
 from sparkdl.data.manifest import write_dataset
 from sparkdl.errors import ConfigError
 from sparkdl.launch.context import WorkerEnv
@@ -102,3 +103,16 @@ def test_early_stopping_rule():
     decisions = [stop.update(e, v, None) for e, v in enumerate([3.0, 2.0, 2.0, 1.0, 1.5, 1.2])]
     assert decisions == [False, False, False, False, False, True]
     assert stop.best_epoch == 3 and stop.best_value == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"validation_col": "v", "validation_fraction": 0.1}, "validation_fraction must be 0"),
+        ({"validation_col": "y"}, "must not be a feature or label"),
+        ({"validation_col": 3}, "validation_col must be None or a column name"),
+    ],
+)
+def test_materialize_validation_col_settings_fail_before_touching_data(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        materialize(None, "/unused", feature_cols=["f"], label_col="y", num_shards=1, **kwargs)
