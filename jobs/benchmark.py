@@ -455,6 +455,16 @@ def _inference_plans(spark, df, args):
     }
 
 
+INFERENCE_NOTE = """
+Why the arrow_udf: only the (cast) feature columns travel to Python and only the prediction
+comes back, as Arrow arrays turned into one float32 matrix without pandas; `mapInArrow` moves
+every column through Python both ways, `pandas_udf`/`predict_batch_udf` convert each array
+cell to a NumPy object first. On this shared 2-core machine the absolute numbers are held
+down by other jobs (and reading `array<float>` columns from Parquet is itself slow, see the
+floor); the ratios between methods measured in the same rounds are the result.
+"""
+
+
 def inference_markdown(rows: int, args, best: dict[str, float], load: str) -> str:
     base = best[INFERENCE_METHODS[1]]
     lines = [
@@ -478,7 +488,7 @@ def inference_markdown(rows: int, args, best: dict[str, float], load: str) -> st
     ]
     for method in INFERENCE_METHODS:
         lines.append(f"| {method} | {best[method] / 1e6:.3f} M | {best[method] / base:.2f}× |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + INFERENCE_NOTE
 
 
 def run_inference(args: argparse.Namespace) -> None:

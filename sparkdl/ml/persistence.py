@@ -91,7 +91,7 @@ class ParamsWriter(MLWriter):
         plain = {k: v for k, v in params.items() if _is_json(v)}
         objects = {k: v for k, v in params.items() if k not in plain}
         extra = {"sparkdl": inst._extra_metadata()}
-        DefaultParamsWriter.saveMetadata(inst, path, self.sparkSession, extra, plain)
+        DefaultParamsWriter.saveMetadata(inst, path, self.sc, extra, plain)  # sc: Spark 3.5 too
         fs, root = storage.resolve(path)
         if objects:
             from pyspark import cloudpickle
@@ -110,7 +110,7 @@ class ParamsReader(MLReader):
         self.trust_pickle = trust_pickle
 
     def load(self, path: str) -> Any:
-        metadata = DefaultParamsReader.loadMetadata(path, self.sparkSession)
+        metadata = DefaultParamsReader.loadMetadata(path, self.sc)
         module_name, _, name = metadata["class"].rpartition(".")
         cls = getattr(importlib.import_module(module_name), name)
         if not (isinstance(cls, type) and issubclass(cls, self.cls) and cls._param_specs):
