@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 import sparkdl
-from sparkdl.config import ModelSpec, OptimConfig, TrainSpec
+from sparkdl.config import ModelSpec, OptimConfig, SyncConfig, TrainSpec
 from sparkdl.data.manifest import write_dataset
 from sparkdl.train.worker import train
 
@@ -20,7 +20,8 @@ def _table(rng, n, flip):
     return pa.table({"f": pa.array(list(x), pa.list_(pa.float32())), "y": (1 - y) if flip else y})
 
 
-def test_ranks_stop_at_the_same_epoch(tmp_path):
+@pytest.mark.parametrize("strategy", ["allreduce", "fsdp"])  # fsdp: snapshots are collectives
+def test_ranks_stop_at_the_same_epoch(tmp_path, strategy):
     rng = np.random.default_rng(3)
     # Rank 0 validates on flipped labels (loss rises), rank 1 on true ones (loss falls): alone
     # they would disagree; on the all-reduced loss they cannot.
@@ -36,8 +37,13 @@ def test_ranks_stop_at_the_same_epoch(tmp_path):
         dataset_path=str(tmp_path / "ds"),
         run_dir=str(tmp_path / "run"),
         optim=OptimConfig(
-            batch_size=16, epochs=20, learning_rate=0.1, log_every_steps=0, early_stopping_patience=2
+            batch_size=16,
+            epochs=20,
+            learning_rate=0.1,
+            log_every_steps=0,
+            early_stopping_patience=2,
         ),
+        sync=SyncConfig(strategy=strategy),
     )
     results = sparkdl.Distributor(2, local_mode=True, timeout_s=120).run(train, spec)
     assert results[0].epochs == results[1].epochs < 20

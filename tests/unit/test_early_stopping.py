@@ -100,9 +100,13 @@ def test_early_stopping_without_validation_split_is_a_config_error(tmp_path):
 
 def test_early_stopping_rule():
     stop = EarlyStopping(patience=2)
-    decisions = [stop.update(e, v, None) for e, v in enumerate([3.0, 2.0, 2.0, 1.0, 1.5, 1.2])]
+    decisions = [
+        stop.update(e, v, improved=stop.improves(v), state={"epoch": torch.tensor(e)})
+        for e, v in enumerate([3.0, 2.0, 2.0, 1.0, 1.5, 1.2])
+    ]
     assert decisions == [False, False, False, False, False, True]
     assert stop.best_epoch == 3 and stop.best_value == 1.0
+    assert stop.best_state is not None and int(stop.best_state["epoch"]) == 3
 
 
 @pytest.mark.parametrize(
