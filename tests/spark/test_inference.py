@@ -120,8 +120,7 @@ def test_save_load_pickled_architecture_needs_trust(frame, tmp_path):
     model = sparkdl.TorchModel(module, feature_cols=["v"], feature_dim=3, probability_col="p")
     model.save(str(tmp_path / "m"))
     with pytest.raises(ConfigError, match="overwrite"):
-        model.save(str(tmp_path / "m"))
-    model.write().overwrite().save(str(tmp_path / "m"))
+        model.save(str(tmp_path / "m"))  # refused before anything is written
     with pytest.raises(CheckpointError, match="trust_pickle"):
         sparkdl.TorchModel.load(str(tmp_path / "m"))
     with sparkdl.ml.trust_pickle():
