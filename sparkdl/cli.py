@@ -86,8 +86,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Tables whose keys are the user's own (factory kwargs, reader options, column casts).
 FREE_FORM = frozenset({"kwargs", "strategy_options", "options", "cast"})
-MODES = {"run.mode": RUN_MODES, "prepare.mode": ("error", "overwrite", "reuse")}
-MODES["predict.mode"] = ("error", "overwrite")
+MODES: dict[str, tuple[str, ...]] = {
+    "run.mode": RUN_MODES,
+    "prepare.mode": ("error", "overwrite", "reuse"),
+    "predict.mode": ("error", "overwrite"),
+}
 
 
 def _parse_value(text: str) -> Any:
