@@ -167,6 +167,8 @@ class TorchEstimator(TableParams, Estimator[TorchModel], MLWritable, MLReadable[
     ``strategy_options={"compression": "fp16"}``; both are validated here, on the driver.
     """
 
+    _describe_sections = ("optim", "sync", "checkpoint")  # run.json: config.optim.loss ...
+
     def __init__(self, **params: Any) -> None:
         self._init_params(params)
 

@@ -89,6 +89,7 @@ class TableParams(Params):
     """Params whose table (``_param_specs``) gives defaults, conversion and validation."""
 
     _param_specs: tuple[ParamSpec, ...] = ()
+    _describe_sections: tuple[str, ...] = ()
 
     def _init_params(self, kwargs: dict[str, Any], *, require: bool = True) -> None:
         """Spark's Params init, the table's defaults, then ``kwargs`` (checked)."""
@@ -165,8 +166,18 @@ class TableParams(Params):
         return cls(**fields, **extra)
 
     def describe(self) -> dict[str, Any]:
-        """The parameters as JSON-friendly data (recorded in run.json)."""
-        return {name: json_friendly(value) for name, value in self.values().items()}
+        """The parameters as JSON-friendly data (recorded in run.json); those of a section in
+        ``_describe_sections`` nested under it by field name, e.g. ``{"optim": {"loss": ...}}``."""
+        out: dict[str, Any] = {}
+        for spec in self._param_specs:
+            if not self.isDefined(spec.name):
+                continue
+            value = json_friendly(self.get(spec.name))
+            if spec.section in self._describe_sections:
+                out.setdefault(spec.section, {})[spec.field or spec.name] = value
+            else:
+                out[spec.name] = value
+        return out
 
     def _validate(self) -> None:
         """Raise ConfigError for bad values (overridden: build the config objects)."""

@@ -88,7 +88,7 @@ def test_metrics_summary_and_plots(pipeline_model):
     model = pipeline_model.stages[-1]
     summary = model.summary
     assert summary["status"] == "succeeded" and summary["epochs_run"] == EPOCHS
-    assert summary["config"]["loss"] == "mse" and summary["best_epoch"] is None
+    assert summary["config"]["optim"]["loss"] == "mse" and summary["best_epoch"] is None
     validation = model.metrics.filter("split = 'validation' and name = 'mse'").count()
     assert validation == EPOCHS
     plots = sorted(os.listdir(os.path.join(model.run_dir, "plots")))

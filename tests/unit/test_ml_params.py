@@ -52,7 +52,10 @@ def test_getters_setters_copy_and_explain():
     assert copy.getLearningRate() == 0.1
     text = est.explainParams()
     assert "early_stopping_patience" in text and "learning_rate" in text and "current: 0.1" in text
-    assert est.describe()["model_kwargs"] == {"in_features": 4, "out_features": 3}
+    described = est.describe()
+    assert described["model_kwargs"] == {"in_features": 4, "out_features": 3}
+    assert described["optim"]["learning_rate"] == 0.1 and described["sync"]["options"] == {}
+    assert described["checkpoint"]["every_epochs"] == 1 and described["num_workers"] == 2
 
 
 def test_callables_are_described_by_name():
@@ -61,7 +64,7 @@ def test_callables_are_described_by_name():
 
     est = _estimator(model=lambda: torch.nn.Linear(2, 3), model_kwargs=None, loss=my_loss)
     assert est.getModelKwargs() == {}
-    assert est.describe()["loss"].endswith("my_loss")
+    assert est.describe()["optim"]["loss"].endswith("my_loss")
 
 
 @pytest.mark.parametrize(
