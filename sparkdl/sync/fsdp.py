@@ -42,7 +42,7 @@ def _counting_comms(strategy: SyncStrategy) -> tuple[Any, Any]:
 
 
 class FSDPStrategy(SyncStrategy):
-    """``fully_shard`` on each direct child that holds parameters, then on the root."""
+    """``fully_shard`` on each large direct child (``min_unit_params``), then on the root."""
 
     name = "fsdp"
 
@@ -66,9 +66,10 @@ class FSDPStrategy(SyncStrategy):
         mesh = init_device_mesh(device_type, (self.env.world_size,))
         reshard = self.options.reshard_after_forward
         for child in module.children():
-            if any(True for _ in child.parameters()):
+            size = sum(p.numel() for p in child.parameters())
+            if size and size >= self.options.min_unit_params:
                 fully_shard(child, mesh=mesh, reshard_after_forward=reshard)
-        fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(module, mesh=mesh)  # the root keeps its parameters for backward
         for sub in module.modules():
             if isinstance(sub, FSDPModule):
                 all_gather, reduce_scatter = _counting_comms(self)

@@ -22,7 +22,8 @@ CONFIGS = [
     ("allreduce", {"compression": "powersgd", "powersgd_rank": 1, "powersgd_warmup_steps": 2}),
     ("local_sgd", {"sync_every": 4, "warmup_steps": 2}),
     ("parameter_server", {}),
-    ("fsdp", {}),
+    ("fsdp", {"min_unit_params": 1}),  # each Linear its own unit
+    ("fsdp", {}),  # small children: one root unit
 ]
 STEPS = 10
 
@@ -83,11 +84,14 @@ def test_each_strategy_counts_the_bytes_it_hands_the_transport():
     assert worker == [payload + 16] * STEPS
     fsdp = sent[names[6]]  # all-gather in forward and backward, reduce-scatter: 3 × half
     assert all(1.4 * payload <= b <= 1.6 * payload for b in fsdp)
+    root_only = sent[names[7]]  # the root keeps its gathered parameters for backward: 2 × half
+    assert all(0.9 * payload <= b <= 1.1 * payload for b in root_only)
     # FSDP's reduce-scatter averages gradients as DDP's all-reduce does: same trained model.
-    ddp_state, fsdp_state = chief[names[0]]["state"], chief[names[6]]["state"]
-    assert results[1][names[6]]["state"] is None
-    for name, value in ddp_state.items():
-        torch.testing.assert_close(fsdp_state[name], value, atol=1e-5, rtol=1e-5)
+    ddp_state = chief[names[0]]["state"]
+    for fsdp_name in names[6:]:
+        assert results[1][fsdp_name]["state"] is None
+        for name, value in ddp_state.items():
+            torch.testing.assert_close(chief[fsdp_name]["state"][name], value, atol=1e-5, rtol=1e-5)
 
 
 def _async_run(slow_rank: int, slow_sleep: float, slow_steps: int, fast_steps: int) -> dict:

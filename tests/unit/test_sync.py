@@ -34,7 +34,11 @@ pytestmark = pytest.mark.timeout(120)
     ("strategy", "options", "match"),
     [
         ("gossip", {}, "strategy must be one of"),
-        ("local_sgd", {"compression": "fp16"}, "compression must be used with strategy='allreduce'"),
+        (
+            "local_sgd",
+            {"compression": "fp16"},
+            "compression must be used with strategy='allreduce'",
+        ),
         ("fsdp", {"compression": "powersgd"}, "compression must be used with strategy='allreduce'"),
         ("allreduce", {"compression": "zip"}, "compression must be None or one of"),
         ("allreduce", {"compression": "powersgd", "powersgd_rank": 0}, "powersgd_rank must be"),
