@@ -45,6 +45,7 @@ class FSDPStrategy(SyncStrategy):
     """``fully_shard`` on each large direct child (``min_unit_params``), then on the root."""
 
     name = "fsdp"
+    sharded_checkpoint = True
 
     def __init__(self, env: Any, options: FSDPOptions | None = None) -> None:
         super().__init__(env, options or FSDPOptions())

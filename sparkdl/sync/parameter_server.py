@@ -133,6 +133,7 @@ class ParameterServerStrategy(SyncStrategy):
 
     name = "parameter_server"
     synchronous = False
+    sharded_checkpoint = True
 
     def __init__(self, env: Any, options: ParameterServerOptions | None = None) -> None:
         super().__init__(env, options or ParameterServerOptions())
