@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench_driver import add_launch, add_train  # noqa: E402  (jobs/ is the script's directory)
+from bench_sync import add_sync  # noqa: E402
 
 FEATURES = 16
 
@@ -343,7 +344,7 @@ def add_loader(sub: argparse._SubParsersAction) -> None:
     )
 
 
-BENCHMARKS = [add_loader, add_launch, add_train]
+BENCHMARKS = [add_loader, add_launch, add_train, add_sync]
 ALL = ("loader", "launch", "train", "sync", "inference")
 
 
