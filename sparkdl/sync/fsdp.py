@@ -87,7 +87,11 @@ class FSDPStrategy(SyncStrategy):
             self.module_to_save(),
             options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
-        return dict(state) if self.env.is_chief else None
+        return (
+            {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+            if self.env.is_chief
+            else None
+        )
 
     def save_checkpoint(self, path: str, optimizer: torch.optim.Optimizer) -> None:
         """(all ranks) A sharded checkpoint: each rank writes its own shards into ``path``."""
@@ -104,7 +108,7 @@ class FSDPStrategy(SyncStrategy):
 
         module = self.module_to_save()
         model, optim = get_state_dict(module, optimizer)
-        state = {"model": model, "optimizer": optim}
+        state: dict[str, Any] = {"model": model, "optimizer": optim}
         dcp.load(state, checkpoint_id=path)
         set_state_dict(
             module,

@@ -192,10 +192,38 @@ def _checkpoint_round_trips(directory: str) -> dict:
     return out
 
 
-def test_sharded_checkpoints_round_trip_and_final_model_loads_unwrapped(tmp_path):
+def _both_checkpoint_checks(directory: str, dataset: str) -> dict:
+    """One launch for both checkpoint tests (each launch costs seconds of process start)."""
+    return {
+        "round_trips": _checkpoint_round_trips(os.path.join(directory, "prepared")),
+        "in_the_loop": _resume_in_the_loop(dataset, directory),
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoint_runs(tmp_path_factory):
+    import numpy as np
+    import pyarrow as pa
+
+    from sparkdl.data.manifest import write_dataset
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    rng = np.random.default_rng(0)
+    tables = []
+    for _ in range(2):
+        x = rng.normal(size=(48, 32)).astype(np.float32)
+        y = (x[:, :8].argmax(axis=1)).astype(np.int64)
+        tables.append(pa.table({"features": pa.array(list(x), pa.list_(pa.float32())), "y": y}))
+    write_dataset(str(root / "ds"), tables, feature_cols=["features"], label_col="y")
     results = sparkdl.Distributor(2, local_mode=True, timeout_s=120).run(
-        _checkpoint_round_trips, str(tmp_path)
+        _both_checkpoint_checks, str(root), str(root / "ds")
     )
+    return root, results
+
+
+def test_sharded_checkpoints_round_trip_and_final_model_loads_unwrapped(checkpoint_runs):
+    _, results = checkpoint_runs
+    results = [r["round_trips"] for r in results]
     chief = results[0]
     fsdp = chief["fsdp"]
     assert sum(f.endswith(".distcp") for f in fsdp["files"]) == 2  # one shard file per rank
@@ -244,24 +272,11 @@ def _resume_in_the_loop(dataset: str, root: str) -> dict:
     return out
 
 
-def test_sharding_strategies_checkpoint_and_resume_in_the_training_loop(tmp_path):
-    import numpy as np
-    import pyarrow as pa
-
-    from sparkdl.data.manifest import write_dataset
+def test_sharding_strategies_checkpoint_and_resume_in_the_training_loop(checkpoint_runs):
     from sparkdl.train import checkpoint as ckpt
 
-    rng = np.random.default_rng(0)
-    tables = []
-    for _ in range(2):
-        x = rng.normal(size=(48, 32)).astype(np.float32)
-        y = (x[:, :8].argmax(axis=1)).astype(np.int64)
-        tables.append(pa.table({"features": pa.array(list(x), pa.list_(pa.float32())), "y": y}))
-    write_dataset(str(tmp_path / "ds"), tables, feature_cols=["features"], label_col="y")
-    results = sparkdl.Distributor(2, local_mode=True, timeout_s=120).run(
-        _resume_in_the_loop, str(tmp_path / "ds"), str(tmp_path)
-    )
-    for strategy, run in results[0].items():
+    tmp_path, results = checkpoint_runs
+    for strategy, run in results[0]["in_the_loop"].items():
         assert run == {"first": 6, "resumed_from": 6}, strategy
         infos = ckpt.list_complete(str(tmp_path / strategy))
         assert [i.step for i in infos] == [6, 12]
