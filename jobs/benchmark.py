@@ -28,6 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench_driver import add_launch, add_train  # noqa: E402  (jobs/ is the script's directory)
+from bench_sync import add_sync  # noqa: E402
 
 FEATURES = 16
 
@@ -533,7 +534,7 @@ def add_inference(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_inference)
 
 
-BENCHMARKS = [add_loader, add_launch, add_train, add_inference]
+BENCHMARKS = [add_loader, add_launch, add_train, add_sync, add_inference]
 ALL = ("loader", "launch", "train", "sync", "inference")
 
 

@@ -25,6 +25,8 @@ _EXPORTS = {
     "TorchEstimator": "sparkdl.ml.estimator",
     "TorchModel": "sparkdl.ml.estimator",
 }
+_SUBMODULES = ("sync",)
+"""Subpackages reachable as attributes (``sparkdl.sync.prepare``) without importing them first."""
 
 __all__ = [
     "CheckpointError",
@@ -41,12 +43,15 @@ __all__ = [
     "__version__",
     "get_context",
     "materialize",
+    "sync",
 ]
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"sparkdl.{name}")
     raise AttributeError(f"module 'sparkdl' has no attribute {name!r}")
 
 

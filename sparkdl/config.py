@@ -268,13 +268,19 @@ class FSDPOptions:
     """``strategy="fsdp"``: parameters, gradients and optimizer state sharded (FSDP2)."""
 
     reshard_after_forward: bool = True
-    """Free gathered parameters after forward (less memory, one more all-gather in backward)."""
+    """Free a unit's gathered parameters after its forward (less memory, one more all-gather in
+    backward). The root unit always keeps them: backward needs them at once."""
+    min_unit_params: int = 100_000
+    """A direct child of the model holding at least this many parameters becomes its own FSDP
+    unit (gathered only around its own compute); smaller ones are sharded with the root (fewer,
+    larger collectives). 0: every child with parameters is a unit."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.reshard_after_forward, bool):
             raise _fail(
                 "reshard_after_forward", "a bool", self.reshard_after_forward, "Use True or False"
             )
+        _positive_int("min_unit_params", self.min_unit_params, "Use e.g. 100000", allow_zero=True)
 
 
 STRATEGY_OPTIONS: dict[str, type] = {

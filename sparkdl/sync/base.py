@@ -54,6 +54,10 @@ class SyncStrategy:
     name = "none"
     synchronous = True
     """False when ranks step independently: the loop then reduces metrics only at epoch ends."""
+    sharded_checkpoint = False
+    """True when model and optimizer state live in pieces across ranks: checkpoints then go
+    through :meth:`save_checkpoint` / :meth:`load_checkpoint` on every rank, not through the
+    chief's ``module_to_save()`` and optimizer ``state_dict()``."""
 
     def __init__(self, env: WorkerEnv, options: Any = None) -> None:
         self.env = env

@@ -42,9 +42,10 @@ def _counting_comms(strategy: SyncStrategy) -> tuple[Any, Any]:
 
 
 class FSDPStrategy(SyncStrategy):
-    """``fully_shard`` on each direct child that holds parameters, then on the root."""
+    """``fully_shard`` on each large direct child (``min_unit_params``), then on the root."""
 
     name = "fsdp"
+    sharded_checkpoint = True
 
     def __init__(self, env: Any, options: FSDPOptions | None = None) -> None:
         super().__init__(env, options or FSDPOptions())
@@ -66,9 +67,10 @@ class FSDPStrategy(SyncStrategy):
         mesh = init_device_mesh(device_type, (self.env.world_size,))
         reshard = self.options.reshard_after_forward
         for child in module.children():
-            if any(True for _ in child.parameters()):
+            size = sum(p.numel() for p in child.parameters())
+            if size and size >= self.options.min_unit_params:
                 fully_shard(child, mesh=mesh, reshard_after_forward=reshard)
-        fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(module, mesh=mesh)  # the root keeps its parameters for backward
         for sub in module.modules():
             if isinstance(sub, FSDPModule):
                 all_gather, reduce_scatter = _counting_comms(self)
@@ -85,7 +87,11 @@ class FSDPStrategy(SyncStrategy):
             self.module_to_save(),
             options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
-        return dict(state) if self.env.is_chief else None
+        return (
+            {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+            if self.env.is_chief
+            else None
+        )
 
     def save_checkpoint(self, path: str, optimizer: torch.optim.Optimizer) -> None:
         """(all ranks) A sharded checkpoint: each rank writes its own shards into ``path``."""
@@ -102,7 +108,7 @@ class FSDPStrategy(SyncStrategy):
 
         module = self.module_to_save()
         model, optim = get_state_dict(module, optimizer)
-        state = {"model": model, "optimizer": optim}
+        state: dict[str, Any] = {"model": model, "optimizer": optim}
         dcp.load(state, checkpoint_id=path)
         set_state_dict(
             module,

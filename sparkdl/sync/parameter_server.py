@@ -19,6 +19,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -51,11 +52,11 @@ def assign_shards(sizes: list[int], num_servers: int) -> list[int]:
     return owner
 
 
-def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.empty(0)
 
 
-def _unflat_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+def _unflat_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -66,7 +67,7 @@ class ShardServer:
     """One server's shard: parameters, the optimizer over them, a version and a request log."""
 
     def __init__(
-        self, params: list[torch.Tensor], build: OptimizerFactory, max_staleness: int
+        self, params: Sequence[torch.Tensor], build: OptimizerFactory, max_staleness: int
     ) -> None:
         # Servers keep their shard on the CPU: gloo point-to-point moves CPU tensors.
         self.params = [nn.Parameter(p.detach().cpu().clone()) for p in params]
@@ -133,6 +134,7 @@ class ParameterServerStrategy(SyncStrategy):
 
     name = "parameter_server"
     synchronous = False
+    sharded_checkpoint = True
 
     def __init__(self, env: Any, options: ParameterServerOptions | None = None) -> None:
         super().__init__(env, options or ParameterServerOptions())
@@ -223,8 +225,10 @@ class ParameterServerStrategy(SyncStrategy):
             reply = torch.zeros(2, dtype=torch.int64)
             flat = torch.empty(sum(p.numel() for p in self._shards[s]), dtype=self._dtype())
             timeout = datetime.timedelta(seconds=self.env.timeout_s)
-            dist.irecv(reply, src=s, group=self._group, tag=_REPLY).wait(timeout)
-            dist.irecv(flat, src=s, group=self._group, tag=_REPLY).wait(timeout)
+            for buffer in (reply, flat):
+                work = dist.irecv(buffer, src=s, group=self._group, tag=_REPLY)
+                assert work is not None  # this rank is in the group
+                work.wait(timeout)
             self._take(s, int(reply[0]), int(reply[1]), flat, push)
 
     def _grad(self, server: int) -> torch.Tensor:

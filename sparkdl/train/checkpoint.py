@@ -5,11 +5,16 @@ Layout under ``<run_dir>/checkpoints``::
     step-000000000120/
         state.pt          model, optimizer, scheduler state dicts and every rank's RNG states:
                           tensors and plain Python types only, read with weights_only=True
+        sharded/          only for strategies that shard their state (fsdp, parameter_server):
+                          model and optimizer written by every rank, its own piece
+                          (torch.distributed.checkpoint files, or one file per server);
+                          state.pt then holds neither
         checkpoint.json   the commit marker, written last: step, epoch, loader position,
                           running totals, world size, attempt, sha256 and size of state.pt
 
-Commit protocol (chief only): state.pt is written into a hidden temporary directory, the
-directory is renamed to ``step-<N>``, and ``checkpoint.json`` is then written atomically
+Commit protocol (chief only): state.pt is written into a hidden temporary directory (where every
+rank has already written its sharded pieces, when the strategy has them), the directory is
+renamed to ``step-<N>``, and ``checkpoint.json`` is then written atomically
 (temporary name + rename). A directory without the marker is ignored (a crash mid-write), and one
 whose state.pt does not match the marker's checksum (truncated, corrupt) is skipped with a
 warning in favour of the previous complete checkpoint. After a commit, only the newest
@@ -32,6 +37,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +51,7 @@ from sparkdl.train.model_io import atomic_write_bytes, local_path
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "SHARDED_DIR",
     "CheckpointInfo",
     "Checkpointer",
     "LoadedCheckpoint",
@@ -64,6 +71,8 @@ log = logging.getLogger("sparkdl")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.pt"
+SHARDED_DIR = "sharded"
+"""Subdirectory of a checkpoint where a sharding strategy's ranks write their pieces."""
 MARKER_FILE = "checkpoint.json"
 FORMAT = 1
 _DIR_RE = re.compile(r"^step-(\d{12})$")
@@ -174,16 +183,23 @@ def load_latest(run_dir: str) -> LoadedCheckpoint | None:
 
 
 def write_checkpoint(
-    run_dir: str, *, step: int, epoch: int, state: dict[str, Any], meta: dict[str, Any]
+    run_dir: str,
+    *,
+    step: int,
+    epoch: int,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    tmp: str | None = None,
 ) -> CheckpointInfo:
     """(chief only) Commit ``state`` (tensors and plain types) and ``meta`` (JSON) as step ``step``.
 
-    state.pt goes into a hidden temporary directory, which is renamed into place; the marker
-    (``meta`` plus the state's checksum) is written last. Raises CheckpointError on failure.
+    state.pt goes into a hidden temporary directory (``tmp``, which may already hold the ranks'
+    sharded pieces), which is renamed into place; the marker (``meta`` plus the state's
+    checksum) is written last. Raises CheckpointError on failure.
     """
     root = _root(run_dir)
     final = os.path.join(root, _dir_name(step))
-    tmp = os.path.join(root, f".tmp-{_dir_name(step)}-{os.getpid()}-{time.time_ns()}")
+    tmp = tmp or os.path.join(root, f".tmp-{_dir_name(step)}-{os.getpid()}-{time.time_ns()}")
     buffer = io.BytesIO()
     torch.save({**state, "format": FORMAT}, buffer)
     data = buffer.getvalue()
@@ -197,7 +213,7 @@ def write_checkpoint(
         "written_at": time.time(),
     }
     try:
-        os.makedirs(tmp)
+        os.makedirs(tmp, exist_ok=True)
         with open(os.path.join(tmp, STATE_FILE), "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -348,13 +364,23 @@ class Checkpointer:
         totals: dict[str, float],
         modules: dict[str, Any],
         before_commit: Any = None,
+        sharded: Callable[[str], None] | None = None,
     ) -> None:
         """(all ranks) Gather RNG states, then the chief commits the checkpoint.
 
         ``modules`` maps names ("model", "optimizer", "scheduler") to objects with
         ``state_dict()`` (or None); ``totals`` are already summed over ranks; ``before_commit``
         (chief only) runs before the commit, e.g. to flush the metrics of the steps it covers.
+        ``sharded(directory)`` (all ranks), when given, first writes every rank's pieces into
+        the not yet committed checkpoint's ``sharded/`` directory.
         """
+        # Named by step and attempt, so every rank finds it and an earlier attempt's leftovers
+        # are never reused (retention deletes those).
+        staging = os.path.join(
+            _root(self.run_dir), f".tmp-{_dir_name(step)}-attempt{self.env.attempt}"
+        )
+        if sharded is not None:
+            sharded(os.path.join(staging, SHARDED_DIR))
         rngs = gather_bytes(rng_snapshot(self.env.device), self.env)
         self.last_step = step
         if not self.env.is_chief:
@@ -371,7 +397,14 @@ class Checkpointer:
         }
         if before_commit is not None:
             before_commit()
-        info = write_checkpoint(self.run_dir, step=step, epoch=epoch, state=state, meta=meta)
+        info = write_checkpoint(
+            self.run_dir,
+            step=step,
+            epoch=epoch,
+            state=state,
+            meta=meta,
+            tmp=staging if sharded is not None else None,
+        )
         apply_retention(self.run_dir, self.config.keep_last)
         log.info("[rank %d] checkpoint at step %d: %s", self.env.rank, step, info.path)
 

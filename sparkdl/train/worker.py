@@ -35,7 +35,7 @@ from sparkdl.launch.channel import report_progress
 from sparkdl.launch.context import WorkerEnv, get_context
 from sparkdl.sync import SyncStrategy
 from sparkdl.sync.prepare import prepare_config
-from sparkdl.train.checkpoint import Checkpointer
+from sparkdl.train.checkpoint import SHARDED_DIR, Checkpointer
 from sparkdl.train.components import build_loss, build_optimizer, metric_name, metric_sum
 from sparkdl.train.early_stopping import EarlyStopping
 from sparkdl.train.metrics import MetricsLog
@@ -263,9 +263,11 @@ class _Trainer:
             self.metrics.flush()
 
     def _stateful(self) -> dict[str, Any]:
+        """What the chief's state.pt holds; a sharding strategy writes model and optimizer itself."""
+        sharded = self.strategy.sharded_checkpoint
         return {
-            "model": self.strategy.module_to_save(),
-            "optimizer": self.optimizer,
+            "model": None if sharded else self.strategy.module_to_save(),
+            "optimizer": None if sharded else self.optimizer,
             "scheduler": self.scheduler,
         }
 
@@ -291,7 +293,12 @@ class _Trainer:
             totals=totals,
             modules=self._stateful(),
             before_commit=self.metrics.flush,
+            sharded=self._save_sharded if self.strategy.sharded_checkpoint else None,
         )
+
+    def _save_sharded(self, path: str) -> None:
+        """(all ranks) The strategy's pieces of model and optimizer state into ``path``."""
+        self.strategy.save_checkpoint(path, self.optimizer)
 
     def resume(self) -> None:
         """(all ranks) Continue from the latest complete checkpoint, when there is one.
@@ -303,6 +310,10 @@ class _Trainer:
         if loaded is None:
             return
         self.checkpointer.apply_states(loaded, self._stateful(), self.spec.optim.seed)
+        if self.strategy.sharded_checkpoint:
+            self.strategy.load_checkpoint(
+                os.path.join(loaded.info.path, SHARDED_DIR), self.optimizer
+            )
         meta = loaded.info.meta
         self.step = self.resumed_from_step = loaded.info.step
         position = dict(meta["position"])

@@ -22,7 +22,8 @@ CONFIGS = [
     ("allreduce", {"compression": "powersgd", "powersgd_rank": 1, "powersgd_warmup_steps": 2}),
     ("local_sgd", {"sync_every": 4, "warmup_steps": 2}),
     ("parameter_server", {}),
-    ("fsdp", {}),
+    ("fsdp", {"min_unit_params": 1}),  # each Linear its own unit
+    ("fsdp", {}),  # small children: one root unit
 ]
 STEPS = 10
 
@@ -83,11 +84,14 @@ def test_each_strategy_counts_the_bytes_it_hands_the_transport():
     assert worker == [payload + 16] * STEPS
     fsdp = sent[names[6]]  # all-gather in forward and backward, reduce-scatter: 3 × half
     assert all(1.4 * payload <= b <= 1.6 * payload for b in fsdp)
+    root_only = sent[names[7]]  # the root keeps its gathered parameters for backward: 2 × half
+    assert all(0.9 * payload <= b <= 1.1 * payload for b in root_only)
     # FSDP's reduce-scatter averages gradients as DDP's all-reduce does: same trained model.
-    ddp_state, fsdp_state = chief[names[0]]["state"], chief[names[6]]["state"]
-    assert results[1][names[6]]["state"] is None
-    for name, value in ddp_state.items():
-        torch.testing.assert_close(fsdp_state[name], value, atol=1e-5, rtol=1e-5)
+    ddp_state = chief[names[0]]["state"]
+    for fsdp_name in names[6:]:
+        assert results[1][fsdp_name]["state"] is None
+        for name, value in ddp_state.items():
+            torch.testing.assert_close(chief[fsdp_name]["state"][name], value, atol=1e-5, rtol=1e-5)
 
 
 def _async_run(slow_rank: int, slow_sleep: float, slow_steps: int, fast_steps: int) -> dict:
@@ -188,10 +192,38 @@ def _checkpoint_round_trips(directory: str) -> dict:
     return out
 
 
-def test_sharded_checkpoints_round_trip_and_final_model_loads_unwrapped(tmp_path):
+def _both_checkpoint_checks(directory: str, dataset: str) -> dict:
+    """One launch for both checkpoint tests (each launch costs seconds of process start)."""
+    return {
+        "round_trips": _checkpoint_round_trips(os.path.join(directory, "prepared")),
+        "in_the_loop": _resume_in_the_loop(dataset, directory),
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoint_runs(tmp_path_factory):
+    import numpy as np
+    import pyarrow as pa
+
+    from sparkdl.data.manifest import write_dataset
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    rng = np.random.default_rng(0)
+    tables = []
+    for _ in range(2):
+        x = rng.normal(size=(48, 32)).astype(np.float32)
+        y = (x[:, :8].argmax(axis=1)).astype(np.int64)
+        tables.append(pa.table({"features": pa.array(list(x), pa.list_(pa.float32())), "y": y}))
+    write_dataset(str(root / "ds"), tables, feature_cols=["features"], label_col="y")
     results = sparkdl.Distributor(2, local_mode=True, timeout_s=120).run(
-        _checkpoint_round_trips, str(tmp_path)
+        _both_checkpoint_checks, str(root), str(root / "ds")
     )
+    return root, results
+
+
+def test_sharded_checkpoints_round_trip_and_final_model_loads_unwrapped(checkpoint_runs):
+    _, results = checkpoint_runs
+    results = [r["round_trips"] for r in results]
     chief = results[0]
     fsdp = chief["fsdp"]
     assert sum(f.endswith(".distcp") for f in fsdp["files"]) == 2  # one shard file per rank
@@ -211,3 +243,56 @@ def test_sharded_checkpoints_round_trip_and_final_model_loads_unwrapped(tmp_path
             probe = torch.randn(5, 32, generator=torch.Generator().manual_seed(7))
             torch.testing.assert_close(plain(probe), run["trained"], msg=strategy)
     torch.testing.assert_close(results[1]["fsdp"]["trained"], fsdp["trained"])
+
+
+def _resume_in_the_loop(dataset: str, root: str) -> dict:
+    """For each sharding strategy: train 1 epoch, then 2 on the same run_dir (which resumes at
+    the epoch-1 checkpoint); fsdp also runs 2 epochs uninterrupted for reference."""
+    from sparkdl.config import CheckpointConfig, ModelSpec, OptimConfig, SyncConfig, TrainSpec
+    from sparkdl.train.worker import run_worker
+
+    env = sparkdl.get_context().env
+
+    def spec(run_dir: str, strategy: str, epochs: int) -> TrainSpec:
+        return TrainSpec(
+            model=ModelSpec(factory=_mlp),
+            dataset_path=dataset,
+            run_dir=os.path.join(root, run_dir),
+            optim=OptimConfig(batch_size=8, epochs=epochs, learning_rate=1e-2, log_every_steps=0),
+            sync=SyncConfig(strategy=strategy),
+            checkpoint=CheckpointConfig(every_epochs=1, keep_last=5),
+        )
+
+    out = {}
+    for strategy in ("fsdp", "parameter_server"):
+        first = run_worker(spec(strategy, strategy, 1), env)
+        resumed = run_worker(spec(strategy, strategy, 2), env)
+        out[strategy] = {"first": first.steps, "resumed_from": resumed.resumed_from_step}
+    run_worker(spec("fsdp-reference", "fsdp", 2), env)
+    return out
+
+
+def test_sharding_strategies_checkpoint_and_resume_in_the_training_loop(checkpoint_runs):
+    from sparkdl.train import checkpoint as ckpt
+
+    tmp_path, results = checkpoint_runs
+    for strategy, run in results[0]["in_the_loop"].items():
+        assert run == {"first": 6, "resumed_from": 6}, strategy
+        infos = ckpt.list_complete(str(tmp_path / strategy))
+        assert [i.step for i in infos] == [6, 12]
+        state = ckpt.load_checkpoint(infos[-1]).state
+        assert state["model"] is None and state["optimizer"] is None  # in sharded/ instead
+        files = os.listdir(os.path.join(infos[-1].path, ckpt.SHARDED_DIR))
+        if strategy == "fsdp":
+            assert sum(f.endswith(".distcp") for f in files) == 2
+        else:
+            assert files == ["ps-shard-0000.pt"]
+        final = torch.load(tmp_path / strategy / "model" / "state_dict.pt", weights_only=True)
+        _mlp().load_state_dict(final)  # a plain state dict for the unwrapped module
+    # FSDP is deterministic: the resumed run ends where the uninterrupted one does.
+    resumed = torch.load(tmp_path / "fsdp" / "model" / "state_dict.pt", weights_only=True)
+    reference = torch.load(
+        tmp_path / "fsdp-reference" / "model" / "state_dict.pt", weights_only=True
+    )
+    for name, value in reference.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=1e-6)
