@@ -197,15 +197,17 @@ def test_monitor_writes_rank_files_and_prefixed_lines(tmp_path, caplog):
     monitor = RunMonitor(log_dir=str(tmp_path / "logs"), interactive=False).start()
     for rank in (0, 1):
         monitor.handle({"t": "log", "rank": rank, "level": 20, "msg": f"hi {rank}", "time": 1.0})
+    monitor.handle({"t": "log", "rank": 1, "msg": "[rank 1] named already", "time": 2.0})
     monitor.handle({"t": "log", "rank": "x", "msg": "bad rank is ignored"})
     frame = {"t": "progress", "rank": 0, "epoch": 0, "epochs": 2, "step": 5, "total": 10}
     monitor.handle({**frame, "samples": 640, "seconds": 2.0, "loss": 0.5, "epoch_end": True})
     monitor.close()
     lines = [r.getMessage() for r in caplog.records]
     assert "[rank 0] hi 0" in lines and "[rank 1] hi 1" in lines
+    assert "[rank 1] named already" in lines
     assert any(line.startswith("train: epoch 1/2 | step 5/10 (50%)") for line in lines)
     assert sorted(os.listdir(tmp_path / "logs")) == ["rank-0.log", "rank-1.log"]
-    assert (tmp_path / "logs" / "rank-1.log").read_text().strip().endswith("INFO hi 1")
+    assert (tmp_path / "logs" / "rank-1.log").read_text().strip().endswith("INFO named already")
 
 
 def test_monitor_without_progress_shows_no_progress(caplog):
