@@ -395,15 +395,15 @@ def train_markdown(data: dict[str, Any]) -> str:
         f"average {env['load_average'][0]:.1f} before, {env['load_average_after'][0]:.1f} after "
         "(shared machine).",
         "",
-        "| side | end-to-end samples/s (median, min–max) | wall s | loop samples/s | "
-        "vs DDP end-to-end | vs DDP loop |",
+        "| side | end-to-end samples/s: median (min–max) | wall s | loop samples/s: median "
+        "(min–max) | vs DDP end-to-end | vs DDP loop |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         e2e, wall, loop = r["end_to_end_samples_per_s"], r["wall_s"], r["loop_samples_per_s"]
         lines.append(
             f"| {name} | {e2e['median']:,.0f} ({e2e['min']:,.0f}–{e2e['max']:,.0f}) | "
-            f"{wall['median']:.1f} | {loop['median']:,.0f} | "
+            f"{wall['median']:.1f} | {loop['median']:,.0f} ({loop['min']:,.0f}–{loop['max']:,.0f}) | "
             f"{e2e['median'] / base['end_to_end_samples_per_s']['median']:.2f}× | "
             f"{loop['median'] / base['loop_samples_per_s']['median']:.2f}× |"
         )
@@ -444,7 +444,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="TorchEstimator.fit vs a hand-written DDP script")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--hidden", type=int, default=128, help="width of the MLP's two hidden layers")
     p.add_argument("--repeats", type=int, default=3, help="repetitions after the warm-up")
     p.add_argument("--data-dir", default=os.path.join(REPO, "runs", "benchmark-data"))

@@ -67,7 +67,7 @@ CONNECT_TIMEOUT_S = 3.0
 SEND_TIMEOUT_S = 2.0
 """A worker's bound on one blocking send; a driver that stops reading fails the channel."""
 _TO_DRIVER, _TO_WORKER = b"w", b"d"
-_MAX_MSG_CHARS = 16_000
+_MAX_MSG_CHARS = 8_000  # ≤ 4 bytes each in UTF-8: a log frame stays under MAX_FRAME_BYTES
 
 
 def _mac(token: str, direction: bytes, nonce: bytes, payload: bytes) -> str:
@@ -76,7 +76,7 @@ def _mac(token: str, direction: bytes, nonce: bytes, payload: bytes) -> str:
 
 def encode_frame(token: str, direction: bytes, nonce: bytes, frame: dict[str, Any]) -> bytes:
     """One signed line: ``<mac> <json>\\n``."""
-    payload = json.dumps(frame, separators=(",", ":"), default=str).encode()
+    payload = json.dumps(frame, separators=(",", ":"), ensure_ascii=False, default=str).encode()
     return _mac(token, direction, nonce, payload).encode() + b" " + payload + b"\n"
 
 
@@ -195,10 +195,10 @@ class ChannelServer:
             reader = conn.makefile("rb")
             while not self._closed:
                 line = reader.readline(MAX_FRAME_BYTES + 1)
-                if not line:
-                    return  # the worker closed its end
+                if not line.endswith(b"\n") and len(line) <= MAX_FRAME_BYTES:
+                    return  # the worker closed its end (mid-frame if it died writing)
                 frame = decode_frame(self.token, _TO_DRIVER, nonce, line)
-                if frame is None or not line.endswith(b"\n"):
+                if frame is None:
                     with self._cond:
                         self.rejected += 1
                     log.debug("channel: refused a frame with a wrong token or shape")

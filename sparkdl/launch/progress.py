@@ -130,7 +130,9 @@ class RunMonitor:
         level = frame.get("level", logging.INFO)
         level = level if isinstance(level, int) else logging.INFO
         msg = str(frame.get("msg", ""))
-        workers_log.log(level, "[rank %d] %s", rank, msg)
+        prefix = f"[rank {rank}] "
+        msg = msg.removeprefix(prefix)  # some worker messages name their rank already
+        workers_log.log(level, "%s%s", prefix, msg)
         if self.log_dir is None:
             return
         fh = self._files.get(rank)
