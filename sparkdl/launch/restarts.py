@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sparkdl.errors import WorkerGroupError, promote
-from sparkdl.train.checkpoint import latest_step
+from sparkdl.train.checkpoint import claimed_attempt, latest_step
 
 __all__ = ["run_with_restarts", "failure_signature"]
 
@@ -60,6 +60,9 @@ def run_with_restarts(
         )
     previous: frozenset | None = None
     progress = latest_step(run_dir)
+    claimed = claimed_attempt(run_dir)  # a run resumed after its driver died mid-attempt
+    if claimed is not None and claimed >= first_attempt:
+        first_attempt = claimed + 1
     for tries in range(max_restarts + 1):
         attempt = first_attempt + tries
         if tries:

@@ -18,7 +18,9 @@ renamed to ``step-<N>``, and ``checkpoint.json`` is then written atomically
 (temporary name + rename). A directory without the marker is ignored (a crash mid-write), and one
 whose state.pt does not match the marker's checksum (truncated, corrupt) is skipped with a
 warning in favour of the previous complete checkpoint. After a commit, only the newest
-``keep_last`` complete checkpoints are kept.
+``keep_last`` complete checkpoints are kept. ``checkpoints/ATTEMPT`` holds the number of the
+attempt that last claimed the run; a chief of an older attempt never writes after it (a fence
+against a failed group's straggler).
 
 Nothing here unpickles beyond ``torch.load(weights_only=True)``; JSON holds everything else.
 Every rank's RNG state (torch CPU, CUDA, numpy's and Python's global generators) travels to the
@@ -57,6 +59,7 @@ __all__ = [
     "LoadedCheckpoint",
     "list_complete",
     "latest_step",
+    "claimed_attempt",
     "load_checkpoint",
     "load_latest",
     "write_checkpoint",
@@ -74,6 +77,7 @@ STATE_FILE = "state.pt"
 SHARDED_DIR = "sharded"
 """Subdirectory of a checkpoint where a sharding strategy's ranks write their pieces."""
 MARKER_FILE = "checkpoint.json"
+FENCE_FILE = "ATTEMPT"
 FORMAT = 1
 _DIR_RE = re.compile(r"^step-(\d{12})$")
 
@@ -134,6 +138,15 @@ def list_complete(run_dir: str) -> list[CheckpointInfo]:
             continue
         found.append(info)
     return sorted(found, key=lambda i: i.step)
+
+
+def claimed_attempt(run_dir: str) -> int | None:
+    """The attempt number that last claimed the run (see Checkpointer.claim), or None."""
+    try:
+        with open(os.path.join(_root(run_dir), FENCE_FILE)) as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def latest_step(run_dir: str) -> int | None:
@@ -395,6 +408,7 @@ class Checkpointer:
             "world_size": self.env.world_size,
             "attempt": self.env.attempt,
         }
+        self.check_current()
         if before_commit is not None:
             before_commit()
         info = write_checkpoint(
@@ -407,6 +421,29 @@ class Checkpointer:
         )
         apply_retention(self.run_dir, self.config.keep_last)
         log.info("[rank %d] checkpoint at step %d: %s", self.env.rank, step, info.path)
+
+    def claim(self) -> None:
+        """(chief only) Record this attempt as the run's current one (the fence, see
+        :meth:`check_current`)."""
+        if self.env.is_chief:
+            path = os.path.join(_root(self.run_dir), FENCE_FILE)
+            atomic_write_bytes(path, str(self.env.attempt).encode())
+
+    def check_current(self) -> None:
+        """(chief only) Raise CheckpointError when a newer attempt has claimed the run.
+
+        A chief of a failed attempt may outlive its group by a moment (Spark kills tasks
+        asynchronously); checking the fence before every write keeps it from writing metrics or
+        checkpoints under the attempt that replaced it.
+        """
+        if not self.env.is_chief:
+            return
+        current = claimed_attempt(self.run_dir)
+        if current is not None and current > self.env.attempt:
+            raise CheckpointError(
+                f"attempt {self.env.attempt} must be the run's current attempt to write, got "
+                f"attempt {current} in {self.run_dir}: this worker group was replaced; stopping"
+            )
 
     def restore(self) -> LoadedCheckpoint | None:
         """(all ranks) The latest complete checkpoint, the same one on every rank, or None.

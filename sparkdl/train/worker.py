@@ -260,6 +260,7 @@ class _Trainer:
             self.tally.reset()
             self.save_checkpoint(epoch, position, samples=0)
         else:
+            self.checkpointer.check_current()
             self.metrics.flush()
 
     def _stateful(self) -> dict[str, Any]:
@@ -306,6 +307,7 @@ class _Trainer:
         The chief first drops metric files a failed attempt wrote after that checkpoint.
         """
         loaded = self.checkpointer.restore()
+        self.checkpointer.claim()  # fence off the failed attempt's stragglers first
         self.metrics.discard_after(loaded.info.step if loaded else 0)
         if loaded is None:
             return
@@ -453,6 +455,7 @@ class _Trainer:
             state = best.best_state  # the same branch on every rank: no collective is skipped
         else:
             state = self.strategy.final_state_dict()
+        self.checkpointer.check_current()
         if self.env.is_chief:
             assert state is not None
             model_dir = os.path.join(self.spec.run_dir, "model")

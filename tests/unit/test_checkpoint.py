@@ -174,3 +174,19 @@ def test_resume_skips_a_truncated_latest_checkpoint(tmp_path, caplog):
     assert "skipping checkpoint at step 15" in caplog.text
     rows = pq.read_table(tmp_path / "run" / "metrics").to_pandas()
     assert not rows.duplicated(["epoch", "step", "split", "name"]).any()
+
+
+def test_a_replaced_attempt_is_fenced_off(tmp_path):
+    config = CheckpointConfig()
+    old = ckpt.Checkpointer(str(tmp_path), config, WorkerEnv(attempt=0))
+    new = ckpt.Checkpointer(str(tmp_path), config, WorkerEnv(attempt=1))
+    old.claim()
+    old.check_current()
+    new.claim()
+    assert ckpt.claimed_attempt(str(tmp_path)) == 1
+    new.check_current()
+    with pytest.raises(CheckpointError, match="replaced"):
+        old.check_current()
+    with pytest.raises(CheckpointError, match="replaced"):
+        old.save(step=3, epoch=0, position={}, totals={}, modules={})
+    assert ckpt.list_complete(str(tmp_path)) == []
