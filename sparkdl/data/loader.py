@@ -460,14 +460,26 @@ class ShardLoader:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Buffers of rows (shuffled when asked) whose length is a multiple of the batch size,
         except the last one, which also carries the drop_last=False padding."""
+        chunks = self._read_ahead(pieces, handles)
+        yield from self._buffered(chunks, rng, capacity)
+
+    def _buffered(
+        self,
+        chunks: Iterator[tuple[np.ndarray, np.ndarray]],
+        rng: np.random.Generator,
+        capacity: int,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Decoded chunks gathered into (shuffled) buffers of whole batches, then the rest padded
+        up to the budget (drop_last=False) by repeating the rank's first row."""
         b = self.batch_size
         feats: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         buffered, left = 0, self._budget
         first: tuple[np.ndarray, np.ndarray] | None = None
-        for f, y in self._read_ahead(pieces, handles):
-            if first is None and len(y):
-                first = (f[:1], y[:1])
+        for f, y in chunks:
+            if not len(y):
+                continue
+            first = first or (f[:1], y[:1])
             feats.append(f)
             labels.append(y)
             buffered += len(y)

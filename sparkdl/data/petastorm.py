@@ -207,36 +207,11 @@ class PetastormLoader(ShardLoader):
     def _buffers(
         self, reader: Any, rng: np.random.Generator
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Decoded row groups gathered into (shuffled) buffers of whole batches, then the rest
-        padded up to the budget (drop_last=False) by repeating the rank's first row."""
-        b = self.batch_size
-        capacity = self.shuffle_buffer_rows if self.shuffle else b
-        feats: list[np.ndarray] = []
-        labels: list[np.ndarray] = []
-        buffered, left = 0, self._budget
-        first: tuple[np.ndarray, np.ndarray] | None = None
-        for chunk in reader:
-            f, y = self._decode(chunk._asdict())
-            if not len(y):
-                continue
-            first = first or (f[:1], y[:1])
-            feats.append(f)
-            labels.append(y)
-            buffered += len(y)
-            if buffered >= capacity and buffered >= b:
-                F, Y = self._mix(feats, labels, rng)
-                full = min(buffered // b * b, left // b * b)
-                yield F[:full], Y[:full]
-                left -= full
-                if left <= 0:
-                    return
-                feats, labels, buffered = [F[full:]], [Y[full:]], buffered - full
-        if buffered < left and first is not None:
-            feats.append(np.repeat(first[0], left - buffered, axis=0))
-            labels.append(np.repeat(first[1], left - buffered, axis=0))
-        if feats:
-            F, Y = self._mix(feats, labels, rng)
-            yield F[:left], Y[:left]
+        """Decoded row groups gathered into (shuffled) buffers of whole batches (the pyarrow
+        reader's buffering, :meth:`ShardLoader._buffered`)."""
+        capacity = self.shuffle_buffer_rows if self.shuffle else self.batch_size
+        chunks = (self._decode(chunk._asdict()) for chunk in reader)
+        yield from self._buffered(chunks, rng, capacity)
 
     def _decode(self, columns: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """petastorm's column arrays (``[n]`` scalars, ``[n, k]`` arrays) → features, label."""

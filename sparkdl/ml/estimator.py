@@ -40,7 +40,7 @@ from sparkdl.launch.launcher import job_description, spark_job_phase
 from sparkdl.launch.progress import RunMonitor
 from sparkdl.ml.model import OUTPUT_PARAMS, TorchModel, check_output_params
 from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_dict, as_list, with_params
-from sparkdl.ml.persistence import ParamsReader, ParamsWriter
+from sparkdl.ml.persistence import ParamsPersistence
 from sparkdl.train.components import is_classification
 from sparkdl.train.model_io import ARCH_FILE, load_module, write_model_json
 
@@ -155,7 +155,9 @@ def _check_estimator_values(v: dict[str, Any]) -> None:
 
 
 @with_params(ESTIMATOR_PARAMS)
-class TorchEstimator(TableParams, Estimator[TorchModel], MLWritable, MLReadable["TorchEstimator"]):
+class TorchEstimator(
+    TableParams, Estimator[TorchModel], ParamsPersistence, MLWritable, MLReadable["TorchEstimator"]
+):
     """Trains a torch model on a Spark DataFrame with ``num_workers`` barrier-mode workers.
 
     Keyword arguments are the Params in ``ESTIMATOR_PARAMS`` (see ``explainParams()``).
@@ -369,18 +371,3 @@ class TorchEstimator(TableParams, Estimator[TorchModel], MLWritable, MLReadable[
                 "classification": is_classification(configs.optim),
             },
         )
-
-    # --- persistence -------------------------------------------------------------------------
-
-    def write(self) -> ParamsWriter:
-        """Writer: ``estimator.write().overwrite().save(path)``."""
-        return ParamsWriter(self)
-
-    @classmethod
-    def read(cls, trust_pickle: bool = False) -> ParamsReader:
-        return ParamsReader(cls, trust_pickle=trust_pickle)
-
-    @classmethod
-    def load(cls, path: str, trust_pickle: bool = False) -> TorchEstimator:
-        """Load a saved estimator; ``trust_pickle`` allows unpickling a model object/callable."""
-        return cls.read(trust_pickle=trust_pickle).load(path)

@@ -21,7 +21,7 @@ from sparkdl.data import storage
 from sparkdl.errors import ConfigError
 from sparkdl.ml.inference import DEVICES, ShippedModule, predict_dataframe, ship_module
 from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_list, with_params
-from sparkdl.ml.persistence import ParamsReader, ParamsWriter, untrusted_error
+from sparkdl.ml.persistence import ParamsPersistence, untrusted_error
 from sparkdl.train.model_io import ARCH_FILE, META_FILE, STATE_FILE, model_meta, weights_bytes
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def check_output_params(values: dict[str, Any]) -> None:
         *OUTPUT_PARAMS,
     )
 )
-class TorchModel(TableParams, Model, MLWritable, MLReadable["TorchModel"]):
+class TorchModel(TableParams, Model, ParamsPersistence, MLWritable, MLReadable["TorchModel"]):
     """A trained torch module with the columns it reads; ``transform(df)`` appends predictions.
 
     ``module`` is the ``nn.Module``; ``classification`` picks argmax (class index) or the raw
@@ -182,19 +182,6 @@ class TorchModel(TableParams, Model, MLWritable, MLReadable["TorchModel"]):
         )
 
     # --- persistence -------------------------------------------------------------------------
-
-    def write(self) -> ParamsWriter:
-        """Writer: ``model.write().overwrite().save(path)``."""
-        return ParamsWriter(self)
-
-    @classmethod
-    def read(cls, trust_pickle: bool = False) -> ParamsReader:
-        return ParamsReader(cls, trust_pickle=trust_pickle)
-
-    @classmethod
-    def load(cls, path: str, trust_pickle: bool = False) -> TorchModel:
-        """Load a saved model; ``trust_pickle`` allows unpickling a pickled architecture."""
-        return cls.read(trust_pickle=trust_pickle).load(path)
 
     def _extra_metadata(self) -> dict[str, Any]:
         return {

@@ -21,7 +21,7 @@ import importlib
 import json
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
 
@@ -31,11 +31,19 @@ from sparkdl.errors import CheckpointError, ConfigError
 if TYPE_CHECKING:
     from sparkdl.ml.params import TableParams
 
-__all__ = ["ParamsReader", "ParamsWriter", "is_trusted", "trust_pickle", "OBJECTS_FILE"]
+__all__ = [
+    "ParamsPersistence",
+    "ParamsReader",
+    "ParamsWriter",
+    "is_trusted",
+    "trust_pickle",
+    "OBJECTS_FILE",
+]
 
 log = logging.getLogger("sparkdl")
 
 OBJECTS_FILE = "objects.pkl"
+_P = TypeVar("_P", bound="ParamsPersistence")
 _TRUST: contextvars.ContextVar[bool] = contextvars.ContextVar("sparkdl_trust", default=False)
 
 
@@ -136,3 +144,21 @@ class ParamsReader(MLReader):
         instance._load_data(fs, root, metadata.get("sparkdl", {}), is_trusted(self.trust_pickle))
         instance._validate()
         return instance
+
+
+class ParamsPersistence:
+    """``write()`` / ``read()`` / ``load()`` of a TableParams stage, through the classes above."""
+
+    def write(self) -> ParamsWriter:
+        """Writer: ``stage.write().overwrite().save(path)``."""
+        return ParamsWriter(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def read(cls, trust_pickle: bool = False) -> ParamsReader:
+        return ParamsReader(cls, trust_pickle=trust_pickle)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls: type[_P], path: str, trust_pickle: bool = False) -> _P:
+        """Load a saved stage; ``trust_pickle`` allows unpickling what needs it (a model
+        object or callable, a pickled architecture), see the module docstring."""
+        return cls.read(trust_pickle=trust_pickle).load(path)  # type: ignore[attr-defined, no-any-return]

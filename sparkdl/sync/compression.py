@@ -73,11 +73,20 @@ def _powersgd(strategy: SyncStrategy, seed: int) -> tuple:
         random_seed=seed,
     )
 
+    # gloo completes collectives on its own threads, where PowerSGD chains a bucket's next
+    # all-reduce (P, then Q): with several buckets in flight, ranks could issue them in
+    # different orders (a collective mismatch that aborts the process). On gloo each bucket's
+    # chain is therefore finished before the next bucket's starts; nccl orders them on its
+    # stream already.
+    serialize = torch.distributed.get_backend() == "gloo"
+
     def counting_powersgd(state, bucket):  # type: ignore[no-untyped-def]
         tensor = bucket.buffer()
         plain = state.iter < state.start_powerSGD_iter
         before = state.total_numel_after_compression
         fut = powersgd.powerSGD_hook(state, bucket)
+        if serialize:
+            fut.wait()
         numel = tensor.numel() if plain else state.total_numel_after_compression - before
         strategy.count("all_reduce", numel * tensor.element_size())
         return fut
