@@ -294,7 +294,8 @@ def write_section(markdown: str, path: str) -> None:
         text = text.rstrip("\n") + "\n\n" + markdown
     else:
         end = text.find("\n## ", start + len(heading))
-        text = text[:start] + markdown + (text[end + 1 :] if end >= 0 else "")
+        rest = text[end + 1 :] if end >= 0 else ""
+        text = text[:start] + markdown.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
     with open(path, "w") as f:
         f.write(text)
 

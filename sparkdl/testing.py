@@ -35,8 +35,11 @@ def local_spark_session(
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
-    alive = active is not None and active.sparkContext._jsc is not None
-    if alive and active.sparkContext.master == master:
+    if (
+        active is not None
+        and active.sparkContext._jsc is not None
+        and active.sparkContext.master == master
+    ):
         return active
     if active is not None:
         active.stop()
