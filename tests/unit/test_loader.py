@@ -216,6 +216,35 @@ def test_replicas_fall_back_when_missing_or_corrupt(tmp_path, caplog):
     assert "FileNotFoundError" in str(info.value)
 
 
+def _trained(ds) -> dict[str, torch.Tensor]:
+    """Two seeded epochs of SGD on a tiny regression over both ranks' batches."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for epoch in range(2):
+        for rank in range(2):
+            for x, y in ds.loader(rank, 2, batch_size=3, seed=7, epoch=epoch):
+                loss = ((model(x).squeeze(1) - y.float()) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return model.state_dict()
+
+
+def test_training_on_damaged_replicas_gives_identical_parameters(tmp_path):
+    """One file's primary deleted, its first replica corrupted: the second replica serves it,
+    and training ends with exactly the parameters of a run on the intact dataset."""
+    ds = _make(tmp_path, [12, 12], replicas=3)
+    expected = _trained(ds)
+    entry = ds.manifest.shards_of("train")[1].files[0]
+    os.remove(os.path.join(ds.path, entry.path))
+    _corrupt(os.path.join(ds.path, entry.replicas[0]))
+    got = _trained(ShardedDataset.load(ds.path))
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
 def test_early_break_stops_the_prefetch_thread(tmp_path):
     import threading
 
