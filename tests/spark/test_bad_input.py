@@ -9,7 +9,6 @@ resume (tests/unit/test_checkpoint.py), a raising or hanging rank (tests/spark/t
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from pyspark.sql import functions as F
 
 import sparkdl
+from sparkdl.artifacts import RunDirectory
 from sparkdl.errors import (
     ConfigError,
     DataError,
@@ -69,8 +69,7 @@ def estimator(run_dir, **overrides):
 
 
 def _run_json(run_dir):
-    with open(os.path.join(run_dir, "run.json")) as fh:
-        return json.load(fh)
+    return RunDirectory(str(run_dir)).summary()
 
 
 def _nothing_complete(run_dir):

@@ -4,7 +4,6 @@ clear errors; resume=True continues an interrupted run (with another worker coun
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import sparkdl
+from sparkdl.artifacts import RunDirectory
 from sparkdl.errors import WorkerGroupError
 from sparkdl.train import checkpoint as ckpt
 
@@ -57,8 +57,7 @@ def estimator(run_dir, **overrides):
 
 
 def _run_json(run_dir):
-    with open(os.path.join(run_dir, "run.json")) as fh:
-        return json.load(fh)
+    return RunDirectory(str(run_dir)).summary()
 
 
 @pytest.fixture(scope="module")
