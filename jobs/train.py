@@ -15,7 +15,14 @@ import sys
 from pyspark.sql import functions as F
 
 import sparkdl
-from sparkdl.cli import load_config, parse_args, read_input, saved_model_path, spark_session_for_job
+from sparkdl.cli import (
+    estimator_kwargs,
+    load_config,
+    parse_args,
+    read_input,
+    saved_model_path,
+    spark_session_for_job,
+)
 from sparkdl.launch.launcher import job_description, spark_job_phase
 
 
@@ -23,19 +30,8 @@ def main(argv=None) -> int:
     args = parse_args(argv, description=__doc__)
     config = load_config(args.config, args.overrides)
     spark = spark_session_for_job(config)
-    data, train, run = config["data"], config["training"], config["run"]
-    estimator = sparkdl.TorchEstimator(
-        model=config["model"]["factory"],
-        model_kwargs=config["model"]["kwargs"],
-        feature_cols=data["feature_cols"],
-        label_col=data["label_col"],
-        validation_fraction=data["validation_fraction"],
-        validation_col=data["validation_col"],
-        run_dir=run["run_dir"],
-        overwrite=run["mode"] == "overwrite",
-        resume=run["mode"] == "resume",
-        **train,
-    )
+    data, run = config["data"], config["run"]
+    estimator = sparkdl.TorchEstimator(**estimator_kwargs(config))
     source = (
         sparkdl.ShardedDataset.load(data["dataset"])
         if data["dataset"]

@@ -2,8 +2,10 @@
 
 Every key is known: a misspelt key is a ConfigError naming it and the keys allowed there. The
 sections: ``spark`` (local session), ``data`` (input and columns; shared by the three jobs),
-``prepare`` (jobs/prepare.py), ``model`` and ``training`` (TorchEstimator), ``run`` (run
-directory, saved model), ``predict`` (jobs/predict.py).
+``prepare`` (jobs/prepare.py), ``model`` and ``training`` (TorchEstimator; ``training`` is
+derived from the estimator's Params table, ESTIMATOR_PARAMS), ``run`` (run directory, saved
+model), ``predict`` (jobs/predict.py). :func:`estimator_kwargs` turns a config into the
+estimator's keyword arguments.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from sparkdl.errors import ConfigError
+from sparkdl.ml.estimator import ESTIMATOR_PARAMS
+from sparkdl.ml.model import OUTPUT_PARAMS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,16 +27,45 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "DEFAULTS",
+    "NOT_IN_TRAINING",
     "RUN_MODES",
+    "estimator_kwargs",
     "load_config",
     "parse_args",
     "read_input",
     "saved_model_path",
     "spark_session_for_job",
+    "training_defaults",
 ]
 
 RUN_MODES = ("error", "overwrite", "resume")
 """run.mode: refuse an existing run_dir, replace it, or continue the run in it."""
+
+NOT_IN_TRAINING: dict[str, str] = {
+    "model": "[model] factory",
+    "model_kwargs": "[model] kwargs",
+    "feature_cols": "[data]",
+    "label_col": "[data]",
+    "validation_fraction": "[data]",
+    "validation_col": "[data]",
+    "run_dir": "[run]",
+    "overwrite": "[run] mode",
+    "resume": "[run] mode",
+    "fault_injection": "tests only (no TOML value)",
+    **{spec.name: "[predict] (the model's output, set at prediction)" for spec in OUTPUT_PARAMS},
+}
+"""Estimator Params that ``[training]`` leaves out, and where a job sets them instead."""
+
+
+def training_defaults() -> dict[str, Any]:
+    """``[training]``: every other estimator Param with its default, from ESTIMATOR_PARAMS, so a
+    new Param is settable from a job (a hand copy here once lost ``shuffle``)."""
+    return {
+        spec.name: copy.deepcopy(spec.default)
+        for spec in ESTIMATOR_PARAMS
+        if spec.name not in NOT_IN_TRAINING
+    }
+
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "spark": {"master": "local[2]", "app_name": "sparkdl"},
@@ -50,28 +83,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "prepare": {"num_shards": 0, "mode": "error"},
     "model": {"factory": "", "kwargs": {}},
-    "training": {
-        "loss": "cross_entropy",
-        "optimizer": "adam",
-        "learning_rate": 1e-3,
-        "batch_size": 64,
-        "epochs": 1,
-        "num_workers": 2,
-        "use_gpu": False,
-        "seed": 0,
-        "strategy": "allreduce",
-        "strategy_options": {},
-        "log_every_steps": 50,
-        "collective_timeout_s": 120.0,
-        "reader": "pyarrow",
-        "max_restarts": 3,
-        "checkpoint_every_steps": 0,
-        "checkpoint_every_epochs": 1,
-        "keep_last": 2,
-        "on_invalid": "error",
-        "progress": True,
-        "early_stopping_patience": 0,
-    },
+    "training": training_defaults(),
     "run": {"run_dir": "runs/run", "mode": "error", "model_path": ""},
     "predict": {
         "model": "",
@@ -152,6 +164,24 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> dict[str, An
                 f"{key} must be one of {allowed}, got {config[section][name]!r}. Pick one"
             )
     return config
+
+
+def estimator_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """TorchEstimator's keyword arguments from a loaded config: ``[training]`` as is, the rest
+    from ``[model]``, ``[data]`` and ``[run]`` (see NOT_IN_TRAINING)."""
+    data, run = config["data"], config["run"]
+    return {
+        "model": config["model"]["factory"],
+        "model_kwargs": config["model"]["kwargs"],
+        "feature_cols": data["feature_cols"],
+        "label_col": data["label_col"],
+        "validation_fraction": data["validation_fraction"],
+        "validation_col": data["validation_col"],
+        "run_dir": run["run_dir"],
+        "overwrite": run["mode"] == "overwrite",
+        "resume": run["mode"] == "resume",
+        **config["training"],
+    }
 
 
 def read_input(spark: Any, path: str, fmt: str, options: dict[str, Any] | None = None) -> Any:

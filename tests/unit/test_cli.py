@@ -1,0 +1,44 @@
+"""The jobs' [training] section is the estimator's Params table: same keys, same defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+import sparkdl
+from sparkdl.cli import DEFAULTS, NOT_IN_TRAINING, estimator_kwargs, load_config
+from sparkdl.ml.estimator import ESTIMATOR_PARAMS
+from sparkdl.ml.model import OUTPUT_PARAMS
+
+pytestmark = pytest.mark.timeout(60)
+
+JOB = [
+    "model.factory=sparkdl.models:mlp",
+    "model.kwargs={in_features = 4, out_features = 3}",
+    "data.feature_cols=['a', 'b']",
+    "run.run_dir=/tmp/unused",
+]
+
+
+def test_every_settable_param_has_its_default_in_training():
+    params = {spec.name: spec.default for spec in ESTIMATOR_PARAMS}
+    settable = {name: default for name, default in params.items() if name not in NOT_IN_TRAINING}
+    assert "shuffle" in settable
+    assert DEFAULTS["training"] == settable
+    assert set(NOT_IN_TRAINING) <= set(params), "NOT_IN_TRAINING names a Param that is gone"
+
+
+def test_estimator_kwargs_set_every_param_from_the_config():
+    kwargs = estimator_kwargs(load_config(None, JOB))
+    names = {spec.name for spec in ESTIMATOR_PARAMS}
+    assert set(kwargs) <= names
+    # a train job leaves out only tests' fault injection and the model's output columns
+    assert names - set(kwargs) == {"fault_injection"} | {spec.name for spec in OUTPUT_PARAMS}
+
+
+@pytest.mark.parametrize(("value", "expected"), [("false", False), ("true", True)])
+def test_training_shuffle_reaches_the_estimator(value, expected):
+    config = load_config(None, [*JOB, f"training.shuffle={value}", "run.mode=resume"])
+    estimator = sparkdl.TorchEstimator(**estimator_kwargs(config))
+    assert estimator.getShuffle() is expected
+    assert estimator.getResume() is True and estimator.getOverwrite() is False
+    assert estimator.getFeatureCols() == ["a", "b"]
