@@ -1,9 +1,23 @@
 """[driver] Launching workers: Distributor (Spark barrier stage or local processes).
 
-Only the driver-side entry points are re-exported here; the worker view lives in
-``sparkdl.launch.context`` and the task adapter in ``sparkdl.launch.rendezvous``.
+Only the driver-side entry point is re-exported here, and only on first use, so a worker that
+imports ``sparkdl.launch.context`` (its view of the group) or the task adapter
+``sparkdl.launch.rendezvous`` never loads the launcher.
 """
 
-from sparkdl.launch.launcher import Distributor
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["Distributor"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Distributor":
+        return importlib.import_module("sparkdl.launch.launcher").Distributor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from sparkdl.launch.launcher import Distributor

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from sparkdl.channel.client import forward_logs
 from sparkdl.errors import RendezvousError
-from sparkdl.launch.channel import forward_logs
 
 __all__ = ["WorkerEnv", "WorkerContext", "get_context", "worker_group", "barrier"]
 

@@ -20,8 +20,8 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
+from sparkdl.channel.server import ChannelServer
 from sparkdl.errors import ConfigError, RankFailure, RendezvousError, WorkerGroupError
-from sparkdl.launch.channel import ChannelServer
 from sparkdl.launch.progress import RunMonitor
 from sparkdl.launch.rendezvous import LaunchOptions, barrier_task
 

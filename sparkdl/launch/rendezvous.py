@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sparkdl.channel.client import gather as channel_gather
 from sparkdl.errors import RankFailure, RendezvousError
-from sparkdl.launch.channel import gather as channel_gather
 
 if TYPE_CHECKING:
     from sparkdl.launch.context import WorkerEnv

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pytest
 
 import sparkdl
+from sparkdl.channel.server import ChannelServer
 from sparkdl.config import ModelSpec, OptimConfig, TrainSpec
 from sparkdl.data.manifest import write_dataset
 from sparkdl.launch import launcher
-from sparkdl.launch.channel import ChannelServer
 from sparkdl.train.worker import train
 
 pytestmark = pytest.mark.timeout(180)

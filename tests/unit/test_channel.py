@@ -10,15 +10,11 @@ import time
 
 import pytest
 
-from sparkdl.launch import channel
-from sparkdl.launch.channel import (
-    ChannelClient,
-    ChannelServer,
-    encode_frame,
-    forward_logs,
-    gather,
-    report_progress,
-)
+from sparkdl.channel import client as worker_side
+from sparkdl.channel import wire
+from sparkdl.channel.client import ChannelClient, forward_logs, gather, report_progress
+from sparkdl.channel.server import ChannelServer
+from sparkdl.channel.wire import TO_DRIVER, encode_frame
 from sparkdl.launch.launcher import job_description, spark_job_phase
 from sparkdl.launch.progress import RunMonitor, format_progress
 
@@ -57,9 +53,9 @@ def _hung_up(sock):
 
 def _raw_send(addr, token, frames):
     """Connect like a worker and send signed frames; the socket, for reading what comes back."""
-    sock, nonce = channel._connect(addr, 5.0)
+    sock, nonce = worker_side._connect(addr, 5.0)
     try:
-        sock.sendall(b"".join(encode_frame(token, b"w", nonce, f) for f in frames))
+        sock.sendall(b"".join(encode_frame(token, TO_DRIVER, nonce, f) for f in frames))
     except (BrokenPipeError, ConnectionResetError):
         pass  # the driver may hang up before the last bytes of a refused frame
     return sock
@@ -84,13 +80,13 @@ def test_a_wrong_token_is_refused_and_the_connection_closed():
         sock.close()
         assert _wait_for(lambda: server.rejected == 1)
         # an unsigned line is refused the same way
-        sock, _ = channel._connect(server.address, 5.0)
+        sock, _ = worker_side._connect(server.address, 5.0)
         sock.sendall(b'{"t": "log", "msg": "plain"}\n')
         assert _hung_up(sock)
         sock.close()
         assert _wait_for(lambda: server.rejected == 2)
         # so is a frame longer than MAX_FRAME_BYTES, even correctly signed
-        huge = {"t": "log", "msg": "x" * (channel.MAX_FRAME_BYTES + 10)}
+        huge = {"t": "log", "msg": "x" * (wire.MAX_FRAME_BYTES + 10)}
         sock = _raw_send(server.address, server.token, [huge])
         assert _hung_up(sock)
         sock.close()
@@ -183,7 +179,9 @@ def test_forward_logs_sends_records_and_progress_then_falls_back_to_stderr(capfd
         3,
     )
     assert "[rank 3] plainly logged" in capfd.readouterr().err
-    assert not [h for h in logging.getLogger().handlers if isinstance(h, channel.ChannelLogHandler)]
+    assert not [
+        h for h in logging.getLogger().handlers if isinstance(h, worker_side.ChannelLogHandler)
+    ]
 
 
 def test_forward_logs_without_an_address_does_nothing():
