@@ -106,7 +106,8 @@ def _wait_for_slots(distributor: Any) -> None:
     """Before a restart: wait (up to the launch timeout) for executors to come back."""
     if getattr(distributor, "local_mode", True):
         return
-    from sparkdl.launch.launcher import _spark_context, check_slots
+    from sparkdl.launch.checks import check_slots
+    from sparkdl.launch.launcher import _spark_context
 
     sc = _spark_context(distributor.spark)
     check_slots(sc, distributor.num_workers, wait_s=distributor.timeout_s)

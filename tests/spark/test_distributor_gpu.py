@@ -23,7 +23,7 @@ PROBE = r"""
 import json, sys
 from functools import partial
 from sparkdl.testing import local_spark_session
-from sparkdl.launch.launcher import check_launch
+from sparkdl.launch.checks import check_launch
 from sparkdl.launch.rendezvous import LaunchOptions, rendezvous
 
 script = sys.argv[1]

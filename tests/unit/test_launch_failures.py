@@ -7,13 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from sparkdl.errors import ConfigError, RankFailure, WorkerGroupError
-from sparkdl.launch.launcher import (
-    Distributor,
-    check_dynamic_allocation,
-    check_gpu_conf,
-    check_slots,
-    worker_group_error,
-)
+from sparkdl.launch.checks import check_dynamic_allocation, check_gpu_conf, check_slots
+from sparkdl.launch.launcher import Distributor, worker_group_error
 from sparkdl.launch.rendezvous import LaunchOptions, run_rank
 
 pytestmark = pytest.mark.timeout(30)
