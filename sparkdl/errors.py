@@ -23,6 +23,7 @@ __all__ = [
     "WorkerDataError",
     "WorkerCheckpointError",
     "PeerLostError",
+    "is_peer_loss",
     "promote",
 ]
 
@@ -117,6 +118,47 @@ class PeerLostError(RuntimeError):
     A secondary failure: the rank that really failed reports its own error, or (killed or hung)
     none at all; this one says where the survivors were when they noticed.
     """
+
+
+_PEER_LOSS_TYPES = frozenset(
+    {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError", "PeerLostError"}
+)
+"""Exception type names that always mean a collective lost its group: torch.distributed's own
+errors (matched by name, so this module never imports torch) and sparkdl's PeerLostError."""
+
+_PEER_LOSS_HINTS = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "remote process exited",
+    "timed out",
+    "timeout",
+    "nccl communicator was aborted",
+)
+"""Lower-case texts that, in a RuntimeError's message, mean the same (gloo and nccl raise plain
+RuntimeErrors when a peer's socket closes or a collective times out)."""
+
+
+def is_peer_loss(exc: BaseException) -> bool:
+    """Whether ``exc`` only says that another rank went away: a secondary failure.
+
+    The one "a peer died" classifier (the worker loop turns such an error into PeerLostError;
+    a rank failing with one reports it a moment late, so the rank that really failed comes
+    first). True for:
+
+    - PeerLostError (and subclasses), and torch.distributed's ``DistError``,
+      ``DistBackendError``, ``DistNetworkError``, ``DistStoreError`` (matched by type name, so
+      this module never imports torch);
+    - a RuntimeError whose message contains, in any case, "connection closed by peer",
+      "connection reset by peer", "broken pipe", "remote process exited", "timed out",
+      "timeout" or "nccl communicator was aborted" (gloo and nccl raise plain RuntimeErrors).
+
+    Anything else (a ValueError, a RuntimeError with other text, SystemExit) is not.
+    """
+    if isinstance(exc, PeerLostError) or type(exc).__name__ in _PEER_LOSS_TYPES:
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(hint in text for hint in _PEER_LOSS_HINTS)
 
 
 class WorkerConfigError(WorkerGroupError, ConfigError):

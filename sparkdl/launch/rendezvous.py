@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sparkdl.channel.client import gather as channel_gather
-from sparkdl.errors import RankFailure, RendezvousError
+from sparkdl.errors import RankFailure, RendezvousError, is_peer_loss
 
 if TYPE_CHECKING:
     from sparkdl.launch.context import WorkerEnv
@@ -40,16 +40,6 @@ __all__ = [
 PEER_LOSS_GRACE_S = 1.5
 """How long a rank whose error only says "a peer went away" waits before reporting it, so the
 peer's own (original) error reaches the driver first and names the rank that really failed."""
-
-_PEER_LOSS_HINTS = (
-    "connection closed by peer",
-    "connection reset by peer",
-    "broken pipe",
-    "remote process exited",
-    "timed out",
-    "timeout",
-    "nccl communicator was aborted",
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,15 +233,6 @@ def torch_env_vars(env: WorkerEnv) -> Iterator[None]:
                 os.environ[key] = old
 
 
-def _is_peer_loss(exc: BaseException) -> bool:
-    """Whether an error only reports that another rank went away (a secondary failure)."""
-    name = type(exc).__name__
-    if name in ("DistBackendError", "DistNetworkError", "DistStoreError", "PeerLostError"):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(h in text for h in _PEER_LOSS_HINTS)
-
-
 def run_rank(
     rank: int,
     make_env: Callable[[], WorkerEnv],
@@ -276,7 +257,7 @@ def run_rank(
             value = fn(*args, **kwargs)
         return RankOutcome(rank, value=cloudpickle.dumps(value))
     except (Exception, SystemExit) as exc:
-        if _is_peer_loss(exc):
+        if is_peer_loss(exc):
             time.sleep(PEER_LOSS_GRACE_S)
         return RankOutcome(rank, failure=RankFailure.from_exception(rank, exc))
 
