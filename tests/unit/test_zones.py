@@ -51,6 +51,36 @@ def _imports(tree: ast.Module) -> set[str]:
     return names
 
 
+def _eager_imports(tree: ast.Module) -> set[str]:
+    """Modules a module imports when it is imported: module-level ``import``/``from`` statements
+    and ``importlib.import_module("<literal>")`` calls, outside functions, classes and
+    ``if TYPE_CHECKING:``."""
+    names: set[str] = set()
+    skipped = _type_checking_only(tree)
+    pending: list[ast.AST] = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if id(node) in skipped or isinstance(
+            node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
+        ):
+            continue
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif (
+            isinstance(node, ast.Call)
+            and ast.unparse(node.func).endswith("import_module")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names.add(node.args[0].value)
+        pending.extend(ast.iter_child_nodes(node))
+    return names
+
+
 def _module_name(rel: str) -> str:
     return "sparkdl." + rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
 
@@ -99,6 +129,32 @@ def test_zone_rules(rel):
         assert "os.environ" not in source and "getenv" not in source, (
             f"{rel}: env vars belong in rendezvous.py"
         )
+
+
+@pytest.mark.parametrize("rel", sorted(rel for rel in ALL if ZONE_OF[_module_name(rel)] == "[any]"))
+def test_any_modules_import_only_any_modules(rel):
+    """An [any] module runs on the driver and in a worker alike, so it may lean on neither."""
+    bad = sorted(
+        f"{name} ({ZONE_OF[name]})"
+        for name in _imports(ALL[rel])
+        if ZONE_OF.get(name) not in (None, "[any]")
+    )
+    assert not bad, f"{rel} ([any]) imports {', '.join(bad)}"
+
+
+DRIVER_ZONES = {"[driver]", "[driver/executor]"}
+
+
+@pytest.mark.parametrize("rel", sorted(rel for rel in ALL if rel.endswith("__init__.py")))
+def test_package_inits_load_no_driver_module_eagerly(rel):
+    """Importing a package (as every import of one of its modules does) must not pull in its
+    driver modules: re-export them lazily (a module ``__getattr__``), as sparkdl/__init__ does."""
+    bad = sorted(
+        f"{name} ({ZONE_OF[name]})"
+        for name in _eager_imports(ALL[rel])
+        if ZONE_OF.get(name) in DRIVER_ZONES
+    )
+    assert not bad, f"{rel} imports driver modules when imported: {', '.join(bad)}"
 
 
 def test_worker_modules_load_without_pyspark():
