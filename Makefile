@@ -54,14 +54,14 @@ test-unit: venv
 	$(PY) -m pytest -q -m "unit" tests
 
 lint: venv
-	$(VENV)/bin/ruff check sparkdl jobs tests data
-	$(VENV)/bin/ruff format --check sparkdl jobs tests data
+	$(VENV)/bin/ruff check sparkdl jobs tests data benchmarks
+	$(VENV)/bin/ruff format --check sparkdl jobs tests data benchmarks
 
 typecheck: venv
 	$(VENV)/bin/mypy sparkdl
 
 bench: venv
-	PYSPARK_PYTHON=$(abspath $(PY)) $(PY) jobs/benchmark.py all
+	PYSPARK_PYTHON=$(abspath $(PY)) $(PY) -m benchmarks all
 
 clean:
 	rm -rf $(VENV) .venv-compat runs .pytest_cache build *.egg-info

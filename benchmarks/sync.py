@@ -1,4 +1,4 @@
-"""Synchronization benchmark of ``jobs/benchmark.py``: ``sync``.
+"""``python -m benchmarks sync``: every synchronization strategy on the same training.
 
 Every strategy (and compression) trains the same model with 2 workers in local mode (plain
 processes, gloo on 127.0.0.1, one thread each) through the real worker loop
@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from benchmarks.common import OUT, REPO, load_note, machine, write_json, write_section
+
+__all__ = ["STRATEGIES", "WORKLOADS", "add_sync", "run_sync", "sync_markdown"]
 
 STRATEGIES: list[tuple[str, str, dict[str, Any]]] = [
     ("allreduce fp32", "allreduce", {}),
@@ -169,7 +169,7 @@ def sync_markdown(rows: list[dict], load: str, machine: str) -> str:
     lines = [
         "## Synchronization strategies",
         "",
-        "`python jobs/benchmark.py sync` — 2 workers in local mode (processes, gloo on "
+        "`python -m benchmarks sync` — 2 workers in local mode (processes, gloo on "
         "127.0.0.1, one thread each), the real worker loop. samples/s (both workers) and bytes "
         "sent per worker per step are the last epoch's (after PowerSGD's warm-up); bytes are "
         "counted at the communication hook or transport (see `sparkdl.sync.base`: ring costs, "
@@ -225,8 +225,6 @@ def _bytes(n: float) -> str:
 
 
 def run_sync(args: argparse.Namespace) -> None:
-    from benchmark import machine, write_section
-
     root = args.work_dir or tempfile.mkdtemp(prefix="sparkdl-bench-sync-")
     os.makedirs(root, exist_ok=True)
     loads = [os.getloadavg()[0]]
@@ -247,20 +245,11 @@ def run_sync(args: argparse.Namespace) -> None:
     finally:
         if not args.work_dir:
             shutil.rmtree(root, ignore_errors=True)
-    load = f" Load average during the run (other jobs share these cores): {min(loads):.1f}–{max(loads):.1f}."
-    markdown = sync_markdown(rows, load, machine())
+    markdown = sync_markdown(rows, load_note(loads), machine())
     print(markdown)
     if args.out:
         write_section(markdown, args.out)
-        _write_json(rows, os.path.splitext(args.out)[0] + ".json")
-
-
-def _write_json(rows: list[dict], path: str) -> None:
-    try:
-        from bench_driver import write_json
-    except ImportError:  # an older benchmark driver: keep the markdown only
-        return
-    write_json("sync", {"rows": rows}, path)
+        write_json("sync", {"rows": rows}, os.path.splitext(args.out)[0] + ".json")
 
 
 def add_sync(sub: argparse._SubParsersAction) -> None:
@@ -270,5 +259,5 @@ def add_sync(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--work-dir", default="", help="keep datasets and runs here (default: a temp dir)"
     )
-    p.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"))
+    p.add_argument("--out", default=OUT)
     p.set_defaults(func=run_sync)

@@ -1,15 +1,9 @@
-"""Driver-experience benchmarks of ``jobs/benchmark.py``: ``launch`` and ``train``.
+"""``python -m benchmarks train``: ``TorchEstimator.fit`` vs a hand-written DDP script.
 
-``launch``: ``Distributor.run`` of a trivial function on 2 workers against pyspark's
-TorchDistributor (``local_mode=False``, ``use_gpu=False``) on the same local[2] SparkSession, plus
-two reference points: sparkdl with ``channel=False`` (the workers meet through Spark's
-``allGather``) and a bare barrier stage without torch. One warm-up each, then ``--repeats``
-rounds in which every launcher runs once, the order rotating from round to round.
-
-``train``: an MLP on ``--rows`` rows of Parquet (materialized by sparkdl; 16 float features,
-10 classes, 2 shards), 2 workers of one thread each: ``TorchEstimator.fit`` on the dataset
-against a hand-written DDP script over the same files launched with ``torch.multiprocessing``
-(each rank reads its shard with pyarrow into memory, then permutes and slices batches), and
+An MLP on ``--rows`` rows of Parquet (materialized by sparkdl; 16 float features, 10 classes,
+2 shards), 2 workers of one thread each: ``TorchEstimator.fit`` on the dataset against a
+hand-written DDP script over the same files launched with ``torch.multiprocessing`` (each rank
+reads its shard with pyarrow into memory, then permutes and slices batches), and
 TorchDistributor + petastorm's ``make_torch_dataloader`` when petastorm imports (the compat
 environment). End-to-end samples/s are rows trained / wall time from the call to its return;
 loop samples/s are the last epoch's, timed inside the workers.
@@ -21,157 +15,25 @@ import argparse
 import json
 import os
 import socket
-import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
-FEATURES, CLASSES = 16, 10
+from benchmarks.common import (
+    DATA_DIR,
+    FEATURES,
+    OUT,
+    build_dataset,
+    environment,
+    record,
+    spark_session,
+    stats,
+)
 
+__all__ = ["add_train", "run_train", "train_markdown"]
 
-def trivial() -> int:
-    """The launched function of the launch benchmark."""
-    return 0
-
-
-def stats(values: list[float]) -> dict[str, Any]:
-    """Median and spread of repeated measurements."""
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-        "values": [round(v, 4) for v in values],
-    }
-
-
-def write_json(section: str, data: dict[str, Any], path: str) -> None:
-    """Merge ``{section: data}`` into the JSON results file."""
-    results: dict[str, Any] = {}
-    if os.path.exists(path):
-        with open(path) as fh:
-            results = json.load(fh)
-    results[section] = data
-    with open(path, "w") as fh:
-        json.dump(results, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-
-
-def environment() -> dict[str, Any]:
-    """Machine, versions and load, for the record."""
-    import pyspark
-    from benchmark import machine
-
-    return {
-        "machine": machine(),
-        "pyspark": pyspark.__version__,
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "when": time.strftime("%Y-%m-%d %H:%M"),
-    }
-
-
-def _session():
-    from pyspark import cloudpickle
-
-    from sparkdl.testing import local_spark_session
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # executors cannot import jobs/
-    return local_spark_session("local[2]", app_name="sparkdl-benchmark")
-
-
-# ---------------------------------------------------------------- launch
-
-
-def _bare_barrier(sc: Any) -> None:
-    sc.parallelize(range(2), 2).barrier().mapPartitions(lambda rows: [0]).collect()
-
-
-COLD = "sparkdl, first launch after TorchDistributor (cold Python workers)"
-
-
-def launchers(spark: Any) -> dict[str, Callable[[], Any]]:
-    """What one round runs, in order. TorchDistributor's tasks end their Python worker processes,
-    so the launch after it starts fresh interpreters and imports torch again: that launch is
-    its own row (COLD), and the next ones are warm."""
-    from pyspark.ml.torch.distributor import TorchDistributor
-
-    from sparkdl import Distributor
-
-    def sparkdl_run() -> Any:
-        return Distributor(2, spark=spark).run(trivial)
-
-    return {
-        "TorchDistributor": lambda: TorchDistributor(
-            num_processes=2, local_mode=False, use_gpu=False
-        ).run(trivial),
-        COLD: sparkdl_run,
-        "sparkdl Distributor": sparkdl_run,
-        "sparkdl, channel=False (Spark allGather)": lambda: Distributor(
-            2, spark=spark, channel=False
-        ).run(trivial),
-        "bare barrier stage, no torch": lambda: _bare_barrier(spark.sparkContext),
-    }
-
-
-def run_launch(args: argparse.Namespace) -> None:
-    spark = _session()
-    env = environment()
-    runs = launchers(spark)
-    for run in runs.values():  # warm-up: Python workers, imports, Spark's code paths
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):  # TorchDistributor and sparkdl alternate
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-            print(f"launch {name}: {times[name][-1]:.2f}s", flush=True)
-    env["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    results = {name: stats(values) for name, values in times.items()}
-    ratio = results["sparkdl Distributor"]["median"] / results["TorchDistributor"]["median"]
-    data = {"env": env, "repeats": args.repeats, "results": results, "ratio_vs_td": ratio}
-    markdown = launch_markdown(data)
-    print(markdown)
-    _record("launch", markdown, data, args)
-
-
-def launch_markdown(data: dict[str, Any]) -> str:
-    env, results = data["env"], data["results"]
-    td = results["TorchDistributor"]["median"]
-    lines = [
-        "## Launch",
-        "",
-        "`python jobs/benchmark.py launch` — `run` of a trivial function (returns 0) with 2 "
-        "workers on one Spark `local[2]` session, CPU (gloo). One warm-up each, then "
-        f"{data['repeats']} rounds running each row once in table order, so TorchDistributor "
-        "and sparkdl alternate. Seconds from the call to its return. TorchDistributor's tasks "
-        "end their Python worker processes, so the launch right after it starts fresh "
-        "interpreters and imports torch: its own row. Target: sparkdl ≤ 0.3× TorchDistributor.",
-        "",
-        f"Machine: {env['machine']}, pyspark {env['pyspark']}. Measured {env['when']}; load "
-        f"average {env['load_average'][0]:.1f} before, {env['load_average_after'][0]:.1f} after "
-        "(a machine shared with other test runs: absolute times vary, the alternation keeps the "
-        "comparison fair).",
-        "",
-        "| launcher | median s | min s | max s | vs TorchDistributor |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, s in results.items():
-        lines.append(
-            f"| {name} | {s['median']:.2f} | {s['min']:.2f} | {s['max']:.2f} | "
-            f"{s['median'] / td:.3f}× |"
-        )
-    verdict = "meets" if data["ratio_vs_td"] <= 0.3 else "misses"
-    lines += [
-        "",
-        f"sparkdl / TorchDistributor = **{data['ratio_vs_td']:.3f}×** ({verdict} ≤ 0.3×).",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- train
+CLASSES = 10
 
 
 def _rank_files(path: str) -> list[list[str]]:
@@ -302,7 +164,7 @@ def run_petastorm(spark: Any, path: str, cfg: dict, cache_dir: str) -> dict[str,
         from petastorm.spark import SparkDatasetConverter, make_spark_converter
     except ImportError as exc:
         return {
-            "skipped": f"petastorm does not import here ({exc}); run `jobs/benchmark.py train` "
+            "skipped": f"petastorm does not import here ({exc}); run `python -m benchmarks train` "
             "in the petastorm compat environment to include TorchDistributor + petastorm"
         }
     from pyspark.ml.torch.distributor import TorchDistributor
@@ -325,10 +187,8 @@ def run_petastorm(spark: Any, path: str, cfg: dict, cache_dir: str) -> dict[str,
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from benchmark import build_dataset
-
     path = build_dataset(args.rows, args.data_dir)
-    spark = _session()
+    spark = spark_session(__name__)
     env = environment()
     files = _rank_files(path)
     rows_per_rank = min(sum(pq_rows(f) for f in rank) for rank in files)
@@ -368,7 +228,7 @@ def run_train(args: argparse.Namespace) -> None:
     data.update(results=results, petastorm=petastorm)
     markdown = train_markdown(data)
     print(markdown)
-    _record("train", markdown, data, args)
+    record("train", markdown, data, args.out)
 
 
 def pq_rows(path: str) -> int:
@@ -383,7 +243,7 @@ def train_markdown(data: dict[str, Any]) -> str:
     lines = [
         "## Train",
         "",
-        f"`python jobs/benchmark.py train` — MLP {FEATURES}→{cfg['hidden'][0]}→"
+        f"`python -m benchmarks train` — MLP {FEATURES}→{cfg['hidden'][0]}→"
         f"{cfg['hidden'][1]}→{CLASSES} (Adam, cross-entropy) on {cfg['rows']:,} rows of "
         f"Parquet materialized by sparkdl (2 shards), 2 workers × 1 thread, gloo, batch "
         f"{cfg['batch_size']} per worker, {cfg['epochs']} epochs. One warm-up each, then "
@@ -418,35 +278,13 @@ def train_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- registration
-
-
-def _record(section: str, markdown: str, data: dict[str, Any], args: argparse.Namespace) -> None:
-    from benchmark import write_section
-
-    if args.out:
-        write_section(markdown, args.out)
-        write_json(section, data, os.path.splitext(args.out)[0] + ".json")
-
-
-def add_launch(sub: argparse._SubParsersAction) -> None:
-    from benchmark import REPO
-
-    p = sub.add_parser("launch", help="Distributor.run vs TorchDistributor launch time")
-    p.add_argument("--repeats", type=int, default=5, help="rounds after the warm-up")
-    p.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"))
-    p.set_defaults(func=run_launch)
-
-
 def add_train(sub: argparse._SubParsersAction) -> None:
-    from benchmark import REPO
-
     p = sub.add_parser("train", help="TorchEstimator.fit vs a hand-written DDP script")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--hidden", type=int, default=128, help="width of the MLP's two hidden layers")
     p.add_argument("--repeats", type=int, default=3, help="repetitions after the warm-up")
-    p.add_argument("--data-dir", default=os.path.join(REPO, "runs", "benchmark-data"))
-    p.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"))
+    p.add_argument("--data-dir", default=DATA_DIR)
+    p.add_argument("--out", default=OUT)
     p.set_defaults(func=run_train)
