@@ -1,32 +1,23 @@
 """[driver] The run directory and its Spark-facing artifacts: run.json, metrics DataFrame, plots.
 
-Layout of a run directory::
-
-    run.json        status (running → succeeded | failed), config, versions, timings, metrics,
-                    attempts (one entry per launch attempt, with its error)
-    data/           the materialized ShardedDataset (when fit materialized the DataFrame)
-    model/          state_dict.pt (weights_only), model.json, architecture.pkl (when pickled)
-    metrics/        Parquet rows (epoch, step, split, name, value, wall_time)
-    checkpoints/    step-<N>/{state.pt, checkpoint.json}: see sparkdl.train.checkpoint
-    plots/          loss.png, accuracy.png or mse.png: train vs validation per epoch
-                    (when matplotlib is installed; skipped with a log line otherwise)
-
-run.json is rewritten atomically at each status change; a run whose status is not
-``succeeded`` is not complete, whatever else the directory holds.
+The layout is :class:`sparkdl.rundir.RunLayout`'s; every file goes through
+:mod:`sparkdl.storage`, so the run directory may be any URI every worker reaches (a shared
+local mount, ``hdfs://``, ``s3://``, ...). run.json is rewritten whole at each status change; a
+run whose status is not ``succeeded`` is not complete, whatever else the directory holds.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
 import platform
-import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
+from sparkdl import storage
 from sparkdl.errors import ConfigError
-from sparkdl.train.model_io import atomic_write_bytes, local_path
+from sparkdl.rundir.layout import RunLayout
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -35,7 +26,6 @@ __all__ = ["RunDirectory", "package_versions", "epoch_metrics", "plot_epochs"]
 
 log = logging.getLogger("sparkdl")
 
-RUN_FILE = "run.json"
 PLOTTED = ("loss", "accuracy", "mse")
 
 
@@ -56,28 +46,41 @@ class RunDirectory:
     """One training run's directory, owned by the driver."""
 
     def __init__(self, path: str) -> None:
+        self.layout = RunLayout(path)
         self.uri = path
-        self.path = os.path.abspath(local_path(path))
+        self.path = self.layout.root
         self._record: dict[str, Any] = {}
-
-    def sub(self, name: str) -> str:
-        return os.path.join(self.path, name)
 
     def prepare(self, *, overwrite: bool, resume: bool = False) -> bool:
         """Create the directory; refuse a non-empty one unless ``overwrite`` (then clear it) or
-        ``resume`` (then keep it, when it holds a sparkdl run). True when resuming a run."""
+        ``resume`` (then keep it, when it holds a sparkdl run). True when resuming a run.
+
+        Raises ConfigError, before anything runs, when the location cannot be written (a bad
+        bucket, missing credentials, an unreachable endpoint, a read-only mount)."""
         if overwrite and resume:
             raise ConfigError(
                 "overwrite and resume must not both be set, got both True. Pass resume=True to "
                 "continue the run in run_dir, or overwrite=True to start it again"
             )
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
+        layout = self.layout
+        try:
+            present = storage.path_exists(layout.root)
+            directory = present and storage.is_dir(layout.root)
+            names = storage.list_dir(layout.root) if directory else []
+        except ConfigError:
+            raise
+        except Exception as exc:  # unreachable endpoint, bad credentials, ...
+            raise ConfigError(
+                f"run_dir must be a location this driver can reach, got {layout.root!r} "
+                f"({type(exc).__name__}: {exc}). Check the path or bucket, credentials and endpoint"
+            ) from exc
+        if present and not directory:
             raise ConfigError(
                 f"run_dir must be a directory, got the file {self.path!r}. Pick another path"
             )
         resuming = False
-        if os.path.isdir(self.path) and os.listdir(self.path):
-            if resume and os.path.isfile(self.sub(RUN_FILE)):
+        if names:
+            if resume and storage.path_exists(layout.run_file):
                 resuming = True
             elif resume:
                 raise ConfigError(
@@ -91,18 +94,8 @@ class RunDirectory:
                     "or choose another run_dir"
                 )
             else:
-                shutil.rmtree(self.path)
-        try:
-            os.makedirs(self.path, exist_ok=True)
-            probe = self.sub(".sparkdl-write-probe")
-            with open(probe, "w") as fh:
-                fh.write("ok")
-            os.remove(probe)
-        except OSError as exc:
-            raise ConfigError(
-                f"run_dir must be writable, got {self.path!r} ({exc.strerror}). "
-                "Choose a directory you can write to"
-            ) from exc
+                storage.delete(layout.root)
+        storage.check_writable(layout.root, "run_dir")
         if resuming:
             try:
                 self._record = self.summary()
@@ -160,32 +153,48 @@ class RunDirectory:
 
     def _write(self) -> None:
         data = json.dumps(self._record, indent=2, sort_keys=True, default=str).encode()
-        atomic_write_bytes(self.sub(RUN_FILE), data)
+        storage.write_file(self.layout.run_file, data)
 
     def summary(self) -> dict[str, Any]:
         """run.json as a dict."""
-        with open(self.sub(RUN_FILE)) as fh:
-            return json.load(fh)
+        return json.loads(storage.read_file(self.layout.run_file))
 
     def metrics_df(self, spark: SparkSession) -> DataFrame:
-        """The metrics as a Spark DataFrame (epoch, step, split, name, value, wall_time)."""
-        return spark.read.parquet(self.sub("metrics"))
+        """The metrics as a Spark DataFrame (epoch, step, split, name, value, wall_time).
+
+        Spark reads them itself where its Hadoop filesystem knows the scheme; otherwise (say
+        ``s3://`` on a Spark without the S3A jars) pyarrow reads them and hands them to Spark.
+        """
+        uri = self.layout.metrics_dir
+        if storage.is_local(uri):
+            return spark.read.parquet(uri)
+        try:
+            return spark.read.parquet(uri)
+        except Exception as exc:  # no Hadoop FileSystem for the scheme, or not configured
+            log.info("sparkdl: Spark cannot read %s (%s); reading it with pyarrow", uri, exc)
+            return spark.createDataFrame(read_metrics(uri).to_pandas())
 
     def write_plots(self, best_epoch: int | None = None) -> list[str]:
         """PNG plots of the per-epoch metrics under plots/; the paths written."""
         try:
-            rows = epoch_metrics(self.sub("metrics"))
+            rows = epoch_metrics(self.layout.metrics_dir)
         except (OSError, ValueError) as exc:  # no metrics written (e.g. a failed run)
             log.info("sparkdl: no plots, the metrics could not be read (%s)", exc)
             return []
-        return plot_epochs(rows, self.sub("plots"), best_epoch=best_epoch)
+        return plot_epochs(rows, self.layout.plots_dir, best_epoch=best_epoch)
+
+
+def read_metrics(metrics_dir: str) -> Any:
+    """The metric rows under ``metrics_dir`` (any URI) as a pyarrow Table, in write order."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(metrics_dir)
+    return pq.read_table(path, filesystem=fs).sort_by("wall_time")
 
 
 def epoch_metrics(metrics_dir: str) -> dict[str, dict[str, dict[int, float]]]:
     """{name: {split: {epoch: value}}} of the per-epoch metrics (the latest row wins)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(metrics_dir).sort_by("wall_time")
+    table = read_metrics(metrics_dir)
     out: dict[str, dict[str, dict[int, float]]] = {}
     columns = [table.column(c).to_pylist() for c in ("epoch", "split", "name", "value")]
     for epoch, split, name, value in zip(*columns):
@@ -197,13 +206,15 @@ def epoch_metrics(metrics_dir: str) -> dict[str, dict[str, dict[int, float]]]:
 def plot_epochs(
     rows: dict[str, dict[str, dict[int, float]]], plots_dir: str, best_epoch: int | None = None
 ) -> list[str]:
-    """One PNG per metric: each split's value per epoch; matplotlib is imported only here."""
+    """One PNG per metric under ``plots_dir`` (any URI): each split's value per epoch.
+
+    matplotlib is imported only here (no pyplot, so the caller's backend is left alone).
+    """
     try:
         from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
     except ImportError:
         log.info("sparkdl: matplotlib is not installed; skipping plots (pip install matplotlib)")
         return []
-    os.makedirs(plots_dir, exist_ok=True)
     written = []
     for name, splits in rows.items():
         fig = Figure(figsize=(6, 4))
@@ -218,7 +229,9 @@ def plot_epochs(
         ax.set_title(f"{name} per epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-        path = os.path.join(plots_dir, f"{name}.png")
-        fig.savefig(path, dpi=100, bbox_inches="tight")
+        path = storage.join(plots_dir, f"{name}.png")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        storage.write_file(path, buffer.getvalue())
         written.append(path)
     return written

@@ -48,8 +48,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from sparkdl import storage
 from sparkdl.config import READERS
-from sparkdl.data import storage
 from sparkdl.data.manifest import FileEntry, Manifest
 from sparkdl.errors import ConfigError, DataError
 

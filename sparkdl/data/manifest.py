@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from sparkdl.data import storage
+from sparkdl import storage
 from sparkdl.errors import ConfigError, DataError
 
 __all__ = [

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from sparkdl.data import storage
+from sparkdl import storage
 from sparkdl.data.loader import ShardedDataset
 from sparkdl.data.manifest import FORMAT_VERSION, FileEntry, Manifest, ShardEntry
 from sparkdl.errors import ConfigError, DataError

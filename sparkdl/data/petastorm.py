@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from sparkdl.data import storage
+from sparkdl import storage
 from sparkdl.data.loader import Batch, ShardedDataset, ShardLoader, rank_slice
 from sparkdl.data.manifest import FileEntry
 from sparkdl.errors import ConfigError, DataError

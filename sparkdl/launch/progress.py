@@ -4,7 +4,9 @@ A :class:`RunMonitor` is the sink of one launch's driver channel (``sparkdl.laun
 
 - a log frame becomes the line ``[rank N] message`` on the ``sparkdl.workers`` logger, at the
   worker's level, and, with a ``log_dir``, a line in ``log_dir/rank-N.log``. The driver writes
-  these files, so they land in the run directory wherever the workers ran;
+  these files, so they land in the run directory wherever the workers ran: appended line by
+  line on a local (or mounted) run directory; on an object store (no appends there) kept in
+  memory, at most ``_REMOTE_LOG_LINES`` per rank, and uploaded whole when the launch ends;
 - progress frames (the chief sends them) drive a tqdm bar (``tqdm.auto``: a widget in
   notebooks) with epoch, step/total, loss, samples/s and ETA when the driver is interactive (a
   notebook, or stderr is a terminal); otherwise an INFO line on the ``sparkdl.progress`` logger
@@ -16,6 +18,8 @@ monitor prints them on stderr for the launch, so worker lines are never silently
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime
 import logging
 import os
@@ -24,6 +28,8 @@ import threading
 import time
 from typing import Any, TextIO
 
+from sparkdl import storage
+
 __all__ = ["RunMonitor", "format_progress", "is_interactive"]
 
 log = logging.getLogger("sparkdl")
@@ -31,6 +37,9 @@ workers_log = logging.getLogger("sparkdl.workers")
 progress_log = logging.getLogger("sparkdl.progress")
 
 _MAX_RANK = 1 << 16
+_REMOTE_LOG_LINES = 100_000
+RANK_LOG = "rank-{rank}.log"
+"""The name of a rank's log file under ``log_dir``."""
 
 
 def is_interactive() -> bool:
@@ -71,7 +80,7 @@ class RunMonitor:
     """(driver) Sink of the driver channel for one launch: log lines per rank and progress.
 
     Args:
-        log_dir: where ``rank-N.log`` files go (None: no files).
+        log_dir: where ``rank-N.log`` files go, a path or URI (None: no files).
         progress: show progress (a bar when interactive, else periodic log lines).
         name: what the progress shows first, e.g. the run name.
         interactive: force the bar on or off; default :func:`is_interactive`.
@@ -94,6 +103,8 @@ class RunMonitor:
         self.log_interval_s = log_interval_s
         self._lock = threading.Lock()
         self._files: dict[int, TextIO] = {}
+        self._local_logs = storage.local_path(log_dir) if log_dir else None
+        self._remote_lines: dict[int, collections.deque[str]] = {}
         self._bar: Any = None
         self._redirect: Any = None
         self._first: tuple[float, int] | None = None
@@ -135,18 +146,35 @@ class RunMonitor:
         workers_log.log(level, "%s%s", prefix, msg)
         if self.log_dir is None:
             return
-        fh = self._files.get(rank)
-        if fh is None:
-            os.makedirs(self.log_dir, exist_ok=True)
-            fh = self._files[rank] = open(  # noqa: SIM115 (closed in close())
-                os.path.join(self.log_dir, f"rank-{rank}.log"), "a", encoding="utf-8"
-            )
         when = frame.get("time")
         stamp = datetime.datetime.fromtimestamp(
             float(when) if isinstance(when, (int, float)) else time.time()
         ).isoformat(sep=" ", timespec="milliseconds")
-        fh.write(f"{stamp} {logging.getLevelName(level)} {msg}\n")
+        line = f"{stamp} {logging.getLevelName(level)} {msg}\n"
+        if self._local_logs is None:
+            lines = self._remote_lines.setdefault(rank, collections.deque(maxlen=_REMOTE_LOG_LINES))
+            lines.append(line)
+            return
+        fh = self._files.get(rank)
+        if fh is None:
+            os.makedirs(self._local_logs, exist_ok=True)
+            fh = self._files[rank] = open(  # noqa: SIM115 (closed in close())
+                os.path.join(self._local_logs, RANK_LOG.format(rank=rank)), "a", encoding="utf-8"
+            )
+        fh.write(line)
         fh.flush()
+
+    def _upload_logs(self) -> None:
+        """Append the remote run directory's buffered lines to its rank files (whole rewrite)."""
+        assert self.log_dir is not None
+        for rank, lines in self._remote_lines.items():
+            uri = storage.join(self.log_dir, RANK_LOG.format(rank=rank))
+            try:
+                earlier = storage.read_file(uri) if storage.path_exists(uri) else b""
+                storage.write_file(uri, earlier + "".join(lines).encode())
+            except Exception as exc:  # logs must never fail a run
+                log.warning("sparkdl: could not write the worker log %s (%s)", uri, exc)
+        self._remote_lines.clear()
 
     def _eta(self, step: int, total: int) -> float | None:
         now = time.monotonic()
@@ -210,11 +238,11 @@ class RunMonitor:
                 log.debug("closing the progress display failed: %s", exc)
             self._bar = self._redirect = None
             for fh in self._files.values():
-                try:
+                with contextlib.suppress(OSError):
                     fh.close()
-                except OSError:
-                    pass
             self._files.clear()
+            if self._remote_lines:
+                self._upload_logs()
             for logger, handler, level in self._restore:
                 logger.removeHandler(handler)
                 logger.setLevel(level)

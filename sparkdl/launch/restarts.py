@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sparkdl.errors import WorkerGroupError, promote
-from sparkdl.train.checkpoint import claimed_attempt, latest_step
+from sparkdl.rundir.checkpoints import claimed_attempt, latest_step
 
 __all__ = ["run_with_restarts", "failure_signature"]
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pyspark.ml.base import Estimator
 from pyspark.ml.util import MLReadable, MLWritable
 
+from sparkdl import storage
 from sparkdl.artifacts import RunDirectory
 from sparkdl.config import (
     CheckpointConfig,
@@ -34,6 +34,7 @@ from sparkdl.config import (
     TrainSpec,
 )
 from sparkdl.data import ShardedDataset, materialize
+from sparkdl.data.manifest import MANIFEST_NAME
 from sparkdl.data.materialize import check_on_invalid
 from sparkdl.errors import ConfigError, DataError
 from sparkdl.launch.launcher import job_description, spark_job_phase
@@ -41,8 +42,8 @@ from sparkdl.launch.progress import RunMonitor
 from sparkdl.ml.model import OUTPUT_PARAMS, TorchModel, check_output_params
 from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_dict, as_list, with_params
 from sparkdl.ml.persistence import ParamsPersistence
+from sparkdl.rundir.model_dir import load_module, write_model_json
 from sparkdl.train.components import is_classification
-from sparkdl.train.model_io import ARCH_FILE, load_module, write_model_json
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -60,7 +61,10 @@ ESTIMATOR_PARAMS: tuple[ParamSpec, ...] = (
     P("feature_cols", REQUIRED, "feature columns: numeric, array<numeric> or ML vector",
       convert=as_list),
     P("label_col", REQUIRED, "label column: class index (integer) or value (regression)"),
-    P("run_dir", REQUIRED, "run directory on storage every executor reaches"),
+    P("run_dir", REQUIRED, "run directory on storage every executor reaches: a path (a shared "
+      "mount) or a URI (hdfs://, s3://, ...)"),
+    P("dataset_dir", "", "where fit materializes a DataFrame (a path or URI Spark's own "
+      "filesystem can write); empty: run_dir/data"),
     P("loss", "cross_entropy", "a name in sparkdl.config.LOSSES or loss(outputs, labels)",
       "optim"),
     P("optimizer", "adam", "a name in sparkdl.config.OPTIMIZERS or optimizer(params)", "optim"),
@@ -218,13 +222,14 @@ class TorchEstimator(
                 )
             return data
         num_shards, mode = self.get("num_workers"), "overwrite"
-        if resuming and os.path.exists(run.sub("data/_sparkdl_manifest.json")):
+        target = self.get("dataset_dir") or run.layout.data_dir
+        if resuming and storage.path_exists(storage.join(target, MANIFEST_NAME)):
             # Resume on the same rows in the same order (whatever num_workers is now); "reuse"
             # refuses a DataFrame whose content or parameters differ from the run's.
-            num_shards, mode = ShardedDataset.load(run.sub("data")).num_shards, "reuse"
+            num_shards, mode = ShardedDataset.load(target).num_shards, "reuse"
         return materialize(
             data,
-            run.sub("data"),
+            target,
             feature_cols=feature_cols,
             label_col=label_col,
             num_shards=num_shards,
@@ -278,7 +283,7 @@ class TorchEstimator(
         run = RunDirectory(self.get("run_dir"))
         resuming = run.prepare(overwrite=self.get("overwrite"), resume=self.get("resume"))
         run.start(self.describe(), world_size=num_workers)
-        run_name = os.path.basename(run.path.rstrip(os.sep)) or "run"
+        run_name = run.layout.name
         try:
             with spark_job_phase(spark.sparkContext, job_description(run_name, "materialize")):
                 dataset = self._dataset(data, run, resuming)
@@ -310,7 +315,7 @@ class TorchEstimator(
                 on_failure=run.record_attempt,
                 name=job_description(run_name, "train", f"{num_workers} workers"),
                 make_monitor=lambda: RunMonitor(
-                    log_dir=run.sub("logs"), progress=self.get("progress"), name=run_name
+                    log_dir=run.layout.logs_dir, progress=self.get("progress"), name=run_name
                 ),
             )
             run.record_attempt(attempt, None)
@@ -338,7 +343,7 @@ class TorchEstimator(
 
     def _model(self, run: RunDirectory, dataset: ShardedDataset, configs: _Configs) -> TorchModel:
         hint = None if configs.model.import_path else configs.model.factory
-        module = load_module(run.sub("model"), model=hint)
+        module = load_module(run.layout.model_dir, model=hint)
         outputs = {spec.name: self.get(spec.name) for spec in OUTPUT_PARAMS}
         return TorchModel(
             module,
@@ -356,13 +361,9 @@ class TorchEstimator(
     ) -> None:
         from pyspark import cloudpickle
 
-        model_dir = run.sub("model")
-        os.makedirs(model_dir, exist_ok=True)
-        if configs.model.import_path is None:
-            with open(os.path.join(model_dir, ARCH_FILE), "wb") as fh:
-                cloudpickle.dump(configs.model, fh)
+        architecture = None if configs.model.import_path else cloudpickle.dumps(configs.model)
         write_model_json(
-            model_dir,
+            run.layout.model_dir,
             configs.model,
             {
                 "feature_cols": self.get("feature_cols"),
@@ -370,4 +371,5 @@ class TorchEstimator(
                 "feature_dim": dataset.feature_dim,
                 "classification": is_classification(configs.optim),
             },
+            architecture,
         )

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 from pyspark.ml.base import Model
 from pyspark.ml.util import MLReadable, MLWritable
 
+from sparkdl import storage
 from sparkdl.artifacts import RunDirectory
 from sparkdl.config import ModelSpec
-from sparkdl.data import storage
 from sparkdl.errors import ConfigError
 from sparkdl.ml.inference import DEVICES, ShippedModule, predict_dataframe, ship_module
 from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_list, with_params
 from sparkdl.ml.persistence import ParamsPersistence, untrusted_error
-from sparkdl.train.model_io import ARCH_FILE, META_FILE, STATE_FILE, model_meta, weights_bytes
+from sparkdl.rundir.model_dir import META_FILE, module_from_bytes, write_model_dir
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["OUTPUT_PARAMS", "TorchModel", "check_output_params"]
 
 MODEL_DIR = "model"
+"""The model directory inside a saved TorchModel (the format of sparkdl.rundir.model_dir)."""
 
 OUTPUT_PARAMS = (
     ParamSpec(
@@ -190,29 +191,23 @@ class TorchModel(TableParams, Model, ParamsPersistence, MLWritable, MLReadable["
             "run_dir": self.run_dir,
         }
 
-    def _save_data(self, fs: Any, root: str) -> None:
+    def _save_data(self, root: str) -> None:
         from pyspark import cloudpickle
 
         if self._module is None:
             raise ConfigError("module must be set to save a TorchModel, got None")
         spec = self.model_spec or ModelSpec(factory=self._module)
-        meta = model_meta(
-            spec, {**self._extra_metadata(), "feature_cols": self.get("feature_cols")}
+        write_model_dir(
+            storage.join(root, MODEL_DIR),
+            self._module.state_dict(),
+            spec,
+            {**self._extra_metadata(), "feature_cols": self.get("feature_cols")},
+            None if spec.import_path else cloudpickle.dumps(spec),
         )
-        files = {
-            STATE_FILE: weights_bytes(self._module),
-            META_FILE: json.dumps(meta, indent=2, sort_keys=True).encode(),
-        }
-        if spec.import_path is None:
-            files[ARCH_FILE] = cloudpickle.dumps(spec)
-        for name, data in files.items():
-            storage.write_bytes_atomic(fs, storage.join(root, MODEL_DIR, name), data)
 
-    def _load_data(self, fs: Any, root: str, extra: dict[str, Any], trusted: bool) -> None:
-        from sparkdl.train.model_io import module_from_bytes
-
+    def _load_data(self, root: str, extra: dict[str, Any], trusted: bool) -> None:
         def read(name: str) -> bytes:
-            return storage.read_bytes(fs, storage.join(root, MODEL_DIR, name))
+            return storage.read_file(storage.join(root, MODEL_DIR, name))
 
         meta = json.loads(read(META_FILE))
         if not meta.get("factory") and not trusted:

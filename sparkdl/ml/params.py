@@ -186,10 +186,10 @@ class TableParams(Params):
     def _extra_metadata(self) -> dict[str, Any]:
         return {}
 
-    def _save_data(self, fs: Any, root: str) -> None:
-        """Write the instance's own files under ``root`` (a pyarrow filesystem path)."""
+    def _save_data(self, root: str) -> None:
+        """Write the instance's own files under ``root`` (a URI, through sparkdl.storage)."""
 
-    def _load_data(self, fs: Any, root: str, extra: dict[str, Any], trusted: bool) -> None:
+    def _load_data(self, root: str, extra: dict[str, Any], trusted: bool) -> None:
         """Read what _save_data wrote; ``extra`` is _extra_metadata's saved dict."""
 
 

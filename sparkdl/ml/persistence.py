@@ -1,8 +1,9 @@
 """[driver] Saving and loading TorchEstimator / TorchModel (MLWritable / MLReadable).
 
-Layout under a saved path (a local path or any URI Spark and ``pyarrow.fs`` both reach)::
+Layout under a saved path (a local path or any URI :mod:`sparkdl.storage` reaches)::
 
-    metadata/     Spark's DefaultParams JSON: class, uid, paramMap (JSON values), defaults
+    metadata/     Spark's DefaultParams JSON (part-00000, one line: class, uid, paramMap with
+                  the JSON values, defaultParamMap, sparkdl's own metadata) and _SUCCESS
     objects.pkl   cloudpickled values that are not JSON (a model object, a loss callable ...)
     model/        TorchModel only: state_dict.pt (weights_only), model.json, architecture.pkl
 
@@ -11,6 +12,12 @@ the model has no import path) is read only when trusted, through ``load(path,
 trust_pickle=True)`` or, for a Pipeline / PipelineModel that holds the stage, inside ``with
 sparkdl.ml.trust_pickle():``. Weights are always read with ``torch.load(weights_only=True)``.
 A model given as an import path (``"package.module:factory"``) loads with no pickle at all.
+
+Every file goes through :mod:`sparkdl.storage`, not Spark's Hadoop filesystem: a stage saves to
+``s3://`` where the cluster's Spark has no S3A jars, and without a JVM round trip (the
+metadata is the one JSON line Spark's ``DefaultParamsWriter`` writes, so Spark reads it too).
+A Pipeline / PipelineModel holding the stage writes its own metadata through Spark, so saving
+one to an object store needs Spark's filesystem for that scheme (S3A for ``s3a://``).
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ import contextvars
 import importlib
 import json
 import logging
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReader, MLWriter
+from pyspark.ml.util import MLReader, MLWriter
 
-from sparkdl.data import storage
+from sparkdl import storage
 from sparkdl.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -43,6 +51,7 @@ __all__ = [
 log = logging.getLogger("sparkdl")
 
 OBJECTS_FILE = "objects.pkl"
+METADATA_DIR = "metadata"
 _P = TypeVar("_P", bound="ParamsPersistence")
 _TRUST: contextvars.ContextVar[bool] = contextvars.ContextVar("sparkdl_trust", default=False)
 
@@ -85,28 +94,64 @@ class ParamsWriter(MLWriter):
         self.instance = instance
 
     def save(self, path: str) -> None:
-        fs, root = storage.resolve(path)
-        if storage.exists(fs, root) and not self.shouldOverwrite:
-            raise ConfigError(
-                f"path must not exist, got existing {path!r}. Use "
-                "model.write().overwrite().save(path) to replace it, or choose another path"
-            )
-        super().save(path)
+        """Write the stage to ``path`` (any URI); ConfigError when it exists, unless
+        ``overwrite()`` was called (then it is replaced)."""
+        root = storage.normalize_uri(path)
+        if storage.path_exists(root):
+            if not self.shouldOverwrite:
+                raise ConfigError(
+                    f"path must not exist, got existing {path!r}. Use "
+                    "model.write().overwrite().save(path) to replace it, or choose another path"
+                )
+            storage.delete(root)
+        self.saveImpl(root)
 
     def saveImpl(self, path: str) -> None:
         inst = self.instance
         params = {p.name: v for p, v in inst._paramMap.items()}
         plain = {k: v for k, v in params.items() if _is_json(v)}
         objects = {k: v for k, v in params.items() if k not in plain}
-        extra = {"sparkdl": inst._extra_metadata()}
-        DefaultParamsWriter.saveMetadata(inst, path, self.sc, extra, plain)  # sc: Spark 3.5 too
-        fs, root = storage.resolve(path)
         if objects:
             from pyspark import cloudpickle
 
-            data = cloudpickle.dumps(objects)
-            storage.write_bytes_atomic(fs, storage.join(root, OBJECTS_FILE), data)
-        inst._save_data(fs, root)
+            storage.write_file(storage.join(path, OBJECTS_FILE), cloudpickle.dumps(objects))
+        inst._save_data(path)
+        # Metadata last: a directory without it is no saved stage (a crash mid-save).
+        metadata = _metadata(inst, plain, {"sparkdl": inst._extra_metadata()})
+        storage.write_file(storage.join(path, METADATA_DIR, "part-00000"), metadata.encode())
+        storage.write_file(storage.join(path, METADATA_DIR, "_SUCCESS"), b"")
+
+
+def _metadata(inst: Any, params: dict[str, Any], extra: dict[str, Any]) -> str:
+    """The JSON line of Spark's ``DefaultParamsWriter.saveMetadata``."""
+    import pyspark
+
+    return json.dumps(
+        {
+            "class": f"{type(inst).__module__}.{type(inst).__name__}",
+            "timestamp": int(round(time.time() * 1000)),
+            "sparkVersion": pyspark.__version__,
+            "uid": inst.uid,
+            "paramMap": params,
+            "defaultParamMap": {p.name: v for p, v in inst._defaultParamMap.items()},
+            **extra,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _read_metadata(path: str) -> dict[str, Any]:
+    """The saved stage's metadata (written by ParamsWriter, or by Spark's own writer)."""
+    directory = storage.join(path, METADATA_DIR)
+    for name in storage.list_dir(directory):
+        if name.startswith("part-"):
+            for line in storage.read_file(storage.join(directory, name)).decode().splitlines():
+                if line.strip():
+                    return json.loads(line)
+    raise ConfigError(
+        f"path must hold a saved sparkdl stage (metadata/part-*), got {path!r} without one. "
+        "Check the path; an interrupted save leaves no metadata"
+    )
 
 
 class ParamsReader(MLReader):
@@ -118,7 +163,8 @@ class ParamsReader(MLReader):
         self.trust_pickle = trust_pickle
 
     def load(self, path: str) -> Any:
-        metadata = DefaultParamsReader.loadMetadata(path, self.sc)
+        path = storage.normalize_uri(path)
+        metadata = _read_metadata(path)
         module_name, _, name = metadata["class"].rpartition(".")
         cls = getattr(importlib.import_module(module_name), name)
         if not (isinstance(cls, type) and issubclass(cls, self.cls) and cls._param_specs):
@@ -132,16 +178,15 @@ class ParamsReader(MLReader):
         defaults = {k: v for k, v in metadata.get("defaultParamMap", {}).items() if k in known}
         instance._setDefault(**defaults)
         instance._assign({k: v for k, v in metadata["paramMap"].items() if k in known})
-        fs, root = storage.resolve(path)
-        objects_path = storage.join(root, OBJECTS_FILE)
-        if storage.exists(fs, objects_path):
+        objects_path = storage.join(path, OBJECTS_FILE)
+        if storage.path_exists(objects_path):
             if not is_trusted(self.trust_pickle):
                 raise untrusted_error(path, "parameter values (e.g. a model object)")
             import pickle
 
-            values = pickle.loads(storage.read_bytes(fs, objects_path))  # noqa: S301 - trusted
+            values = pickle.loads(storage.read_file(objects_path))  # noqa: S301 - trusted
             instance._assign({k: v for k, v in values.items() if k in known})
-        instance._load_data(fs, root, metadata.get("sparkdl", {}), is_trusted(self.trust_pickle))
+        instance._load_data(path, metadata.get("sparkdl", {}), is_trusted(self.trust_pickle))
         instance._validate()
         return instance
 

@@ -17,7 +17,6 @@ payload once.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -114,7 +113,7 @@ class SyncStrategy:
 
         Replicated strategies: the chief writes one file; sharded ones write one piece per rank.
         """
-        from sparkdl.train.model_io import atomic_write_bytes
+        from sparkdl import storage
 
         model = self.final_state_dict()
         if self.env.is_chief:
@@ -122,14 +121,17 @@ class SyncStrategy:
 
             buffer = io.BytesIO()
             torch.save({"model": model, "optimizer": optimizer.state_dict()}, buffer)
-            atomic_write_bytes(os.path.join(path, CHECKPOINT_FILE), buffer.getvalue())
+            storage.write_file(storage.join(path, CHECKPOINT_FILE), buffer.getvalue())
         self._barrier()
 
     def load_checkpoint(self, path: str, optimizer: torch.optim.Optimizer) -> None:
         """(all ranks) Restore what :meth:`save_checkpoint` wrote into the same strategy."""
-        state = torch.load(
-            os.path.join(path, CHECKPOINT_FILE), map_location=self.env.device, weights_only=True
-        )
+        import io
+
+        from sparkdl import storage
+
+        data = storage.read_file(storage.join(path, CHECKPOINT_FILE))
+        state = torch.load(io.BytesIO(data), map_location=self.env.device, weights_only=True)
         self.module_to_save().load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
 

@@ -4,16 +4,23 @@ Parameters, gradients and optimizer state are split across ranks; each submodule
 parameters are all-gathered for its forward (and again for backward when
 ``reshard_after_forward``) and gradients reduce-scattered. Works on CPU with gloo.
 Checkpoints are sharded (``torch.distributed.checkpoint``: each rank writes its own piece);
-the final model is gathered into a plain state dict that loads into the unwrapped module.
+on a remote run directory (s3://, hdfs://, ...) each rank stages its pieces in a local temporary
+directory and uploads them through :mod:`sparkdl.storage`, and a resume downloads the
+checkpoint's pieces first (DCP may reshard, so a rank can need every piece). The final model is gathered into a plain state dict that loads into the unwrapped module.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from sparkdl import storage
 from sparkdl.config import FSDPOptions
 from sparkdl.errors import ConfigError
 from sparkdl.sync.base import SyncStrategy
@@ -99,7 +106,8 @@ class FSDPStrategy(SyncStrategy):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model, optim = get_state_dict(self.module_to_save(), optimizer)
-        dcp.save({"model": model, "optimizer": optim}, checkpoint_id=path)
+        with _local_dir(path, upload=True) as local:
+            dcp.save({"model": model, "optimizer": optim}, checkpoint_id=local)
 
     def load_checkpoint(self, path: str, optimizer: torch.optim.Optimizer) -> None:
         """(all ranks) Load a sharded checkpoint into the sharded module and optimizer."""
@@ -109,10 +117,34 @@ class FSDPStrategy(SyncStrategy):
         module = self.module_to_save()
         model, optim = get_state_dict(module, optimizer)
         state: dict[str, Any] = {"model": model, "optimizer": optim}
-        dcp.load(state, checkpoint_id=path)
+        with _local_dir(path, upload=False) as local:
+            dcp.load(state, checkpoint_id=local)
         set_state_dict(
             module,
             optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
         )
+
+
+@contextlib.contextmanager
+def _local_dir(uri: str, *, upload: bool) -> Iterator[str]:
+    """A local directory standing for the checkpoint directory ``uri``.
+
+    Local ``uri``: itself. Remote: a temporary directory, filled first with every file under
+    ``uri`` (to load), or whose files this rank wrote are uploaded on exit (to save).
+    """
+    path = storage.local_path(uri)
+    if path is not None:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="sparkdl-dcp-") as tmp:
+        if not upload:
+            for name in storage.list_dir(uri):
+                with open(os.path.join(tmp, name), "wb") as fh:
+                    fh.write(storage.read_file(storage.join(uri, name)))
+        yield tmp
+        if upload:
+            for name in sorted(os.listdir(tmp)):
+                with open(os.path.join(tmp, name), "rb") as fh:
+                    storage.write_file(storage.join(uri, name), fh.read())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import statistics
 import threading
 import time
@@ -303,22 +302,26 @@ class ParameterServerStrategy(SyncStrategy):
         """(all ranks) Each server writes its shard (parameters, optimizer state, version)."""
         import io
 
-        from sparkdl.train.model_io import atomic_write_bytes
+        from sparkdl import storage
 
         self.synchronize()
         if self.server is not None:
             buffer = io.BytesIO()
             torch.save(self.server.state(), buffer)
-            atomic_write_bytes(
-                os.path.join(path, f"ps-shard-{self.env.rank:04d}.pt"), buffer.getvalue()
+            storage.write_file(
+                storage.join(path, f"ps-shard-{self.env.rank:04d}.pt"), buffer.getvalue()
             )
         self._barrier()
 
     def load_checkpoint(self, path: str, optimizer: torch.optim.Optimizer) -> None:
         """(all ranks) Servers load their shards; then every rank pulls them."""
         if self.server is not None:
-            shard = os.path.join(path, f"ps-shard-{self.env.rank:04d}.pt")
-            self.server.load(torch.load(shard, weights_only=True))
+            import io
+
+            from sparkdl import storage
+
+            shard = storage.read_file(storage.join(path, f"ps-shard-{self.env.rank:04d}.pt"))
+            self.server.load(torch.load(io.BytesIO(shard), weights_only=True))
         self._barrier()
         self._versions = [0] * len(self._shards)
         self._exchange(push=False)

@@ -1,28 +1,6 @@
-"""[worker] Checkpoints: atomic save by the chief, latest-complete discovery, retention, resume.
+"""[worker] When to checkpoint, and the save/restore collectives of one worker's run.
 
-Layout under ``<run_dir>/checkpoints``::
-
-    step-000000000120/
-        state.pt          model, optimizer, scheduler state dicts and every rank's RNG states:
-                          tensors and plain Python types only, read with weights_only=True
-        sharded/          only for strategies that shard their state (fsdp, parameter_server):
-                          model and optimizer written by every rank, its own piece
-                          (torch.distributed.checkpoint files, or one file per server);
-                          state.pt then holds neither
-        checkpoint.json   the commit marker, written last: step, epoch, loader position,
-                          running totals, world size, attempt, sha256 and size of state.pt
-
-Commit protocol (chief only): state.pt is written into a hidden temporary directory (where every
-rank has already written its sharded pieces, when the strategy has them), the directory is
-renamed to ``step-<N>``, and ``checkpoint.json`` is then written atomically
-(temporary name + rename). A directory without the marker is ignored (a crash mid-write), and one
-whose state.pt does not match the marker's checksum (truncated, corrupt) is skipped with a
-warning in favour of the previous complete checkpoint. After a commit, only the newest
-``keep_last`` complete checkpoints are kept. ``checkpoints/ATTEMPT`` holds the number of the
-attempt that last claimed the run; a chief of an older attempt never writes after it (a fence
-against a failed group's straggler).
-
-Nothing here unpickles beyond ``torch.load(weights_only=True)``; JSON holds everything else.
+The format (files, commit, discovery, retention, fence) is :mod:`sparkdl.rundir.checkpoints`'.
 Every rank's RNG state (torch CPU, CUDA, numpy's and Python's global generators) travels to the
 chief through a collective of plain bytes (JSON), never pickle.
 """
@@ -30,243 +8,39 @@ chief through a collective of plain bytes (JSON), never pickle.
 from __future__ import annotations
 
 import base64
-import hashlib
-import io
 import json
 import logging
-import os
 import random
-import re
-import shutil
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from sparkdl import storage
 from sparkdl.config import CheckpointConfig
 from sparkdl.errors import CheckpointError
 from sparkdl.launch.context import WorkerEnv
-from sparkdl.train.model_io import atomic_write_bytes, local_path
+from sparkdl.rundir.checkpoints import (
+    SHARDED_DIR,
+    LoadedCheckpoint,
+    apply_retention,
+    claim_attempt,
+    claimed_attempt,
+    list_complete,
+    load_checkpoint,
+    load_latest,
+    write_checkpoint,
+)
+from sparkdl.rundir.layout import RunLayout
+from sparkdl.train.collectives import broadcast_int, gather_bytes
 
-__all__ = [
-    "CHECKPOINT_DIR",
-    "SHARDED_DIR",
-    "CheckpointInfo",
-    "Checkpointer",
-    "LoadedCheckpoint",
-    "list_complete",
-    "latest_step",
-    "claimed_attempt",
-    "load_checkpoint",
-    "load_latest",
-    "write_checkpoint",
-    "apply_retention",
-    "rng_snapshot",
-    "restore_rng",
-    "gather_bytes",
-    "broadcast_int",
-]
+__all__ = ["SHARDED_DIR", "Checkpointer", "rng_snapshot", "restore_rng"]
 
 log = logging.getLogger("sparkdl")
 
-CHECKPOINT_DIR = "checkpoints"
-STATE_FILE = "state.pt"
-SHARDED_DIR = "sharded"
-"""Subdirectory of a checkpoint where a sharding strategy's ranks write their pieces."""
-MARKER_FILE = "checkpoint.json"
-FENCE_FILE = "ATTEMPT"
-FORMAT = 1
-_DIR_RE = re.compile(r"^step-(\d{12})$")
 
-
-def _root(run_dir: str) -> str:
-    return os.path.join(local_path(run_dir), CHECKPOINT_DIR)
-
-
-def _dir_name(step: int) -> str:
-    return f"step-{step:012d}"
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint as its marker describes it (the state file is not read)."""
-
-    path: str
-    step: int
-    epoch: int
-    meta: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class LoadedCheckpoint:
-    """A checkpoint read back and verified: its marker and its tensors."""
-
-    info: CheckpointInfo
-    state: dict[str, Any]
-
-
-# ---------------------------------------------------------------- discovery and loading
-
-
-def list_complete(run_dir: str) -> list[CheckpointInfo]:
-    """Committed checkpoints (with a readable marker), oldest first; cheap: reads markers only."""
-    root = _root(run_dir)
-    try:
-        names = os.listdir(root)
-    except FileNotFoundError:
-        return []
-    found = []
-    for name in names:
-        match = _DIR_RE.match(name)
-        if not match:
-            continue
-        path = os.path.join(root, name)
-        try:
-            with open(os.path.join(path, MARKER_FILE)) as fh:
-                meta = json.load(fh)
-            info = CheckpointInfo(path, int(meta["step"]), int(meta["epoch"]), meta)
-        except FileNotFoundError:
-            continue  # not committed: a crash before the marker
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("sparkdl: ignoring checkpoint %s: unreadable marker (%s)", path, exc)
-            continue
-        if info.step != int(match.group(1)):
-            log.warning("sparkdl: ignoring checkpoint %s: marker names step %d", path, info.step)
-            continue
-        found.append(info)
-    return sorted(found, key=lambda i: i.step)
-
-
-def claimed_attempt(run_dir: str) -> int | None:
-    """The attempt number that last claimed the run (see Checkpointer.claim), or None."""
-    try:
-        with open(os.path.join(_root(run_dir), FENCE_FILE)) as fh:
-            return int(fh.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def latest_step(run_dir: str) -> int | None:
-    """Step of the newest committed checkpoint (not verified), or None; for the driver."""
-    complete = list_complete(run_dir)
-    return complete[-1].step if complete else None
-
-
-def load_checkpoint(info: CheckpointInfo) -> LoadedCheckpoint:
-    """Verify ``info``'s state file against its marker and load it with weights_only=True.
-
-    Raises CheckpointError naming the file when it is missing, truncated or corrupt.
-    """
-    path = os.path.join(info.path, STATE_FILE)
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint file {path} could not be read: {exc}") from exc
-    sha = hashlib.sha256(data).hexdigest()
-    if len(data) != info.meta.get("bytes") or sha != info.meta.get("sha256"):
-        raise CheckpointError(
-            f"checkpoint file {path} must have {info.meta.get('bytes')} bytes with sha256 "
-            f"{info.meta.get('sha256')}, got {len(data)} bytes with sha256 {sha} "
-            "(truncated or corrupt)"
-        )
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint file {path} could not be loaded: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint file {path} must hold format {FORMAT}")
-    return LoadedCheckpoint(info, state)
-
-
-def load_latest(run_dir: str) -> LoadedCheckpoint | None:
-    """The newest checkpoint that verifies and loads; a bad one is skipped with a warning."""
-    for info in reversed(list_complete(run_dir)):
-        try:
-            return load_checkpoint(info)
-        except CheckpointError as exc:
-            log.warning("sparkdl: skipping checkpoint at step %d: %s", info.step, exc)
-    return None
-
-
-# ---------------------------------------------------------------- writing and retention
-
-
-def write_checkpoint(
-    run_dir: str,
-    *,
-    step: int,
-    epoch: int,
-    state: dict[str, Any],
-    meta: dict[str, Any],
-    tmp: str | None = None,
-) -> CheckpointInfo:
-    """(chief only) Commit ``state`` (tensors and plain types) and ``meta`` (JSON) as step ``step``.
-
-    state.pt goes into a hidden temporary directory (``tmp``, which may already hold the ranks'
-    sharded pieces), which is renamed into place; the marker (``meta`` plus the state's
-    checksum) is written last. Raises CheckpointError on failure.
-    """
-    root = _root(run_dir)
-    final = os.path.join(root, _dir_name(step))
-    tmp = tmp or os.path.join(root, f".tmp-{_dir_name(step)}-{os.getpid()}-{time.time_ns()}")
-    buffer = io.BytesIO()
-    torch.save({**state, "format": FORMAT}, buffer)
-    data = buffer.getvalue()
-    marker = {
-        **meta,
-        "step": step,
-        "epoch": epoch,
-        "format": FORMAT,
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "written_at": time.time(),
-    }
-    try:
-        os.makedirs(tmp, exist_ok=True)
-        with open(os.path.join(tmp, STATE_FILE), "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if os.path.exists(final):  # an uncommitted or stale one from an earlier attempt
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        atomic_write_bytes(
-            os.path.join(final, MARKER_FILE), json.dumps(marker, sort_keys=True).encode()
-        )
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"checkpoint at step {step} could not be written under {root}: {exc}. "
-            "Check free space and permissions of run_dir"
-        ) from exc
-    return CheckpointInfo(final, step, epoch, marker)
-
-
-def apply_retention(run_dir: str, keep_last: int) -> None:
-    """(chief only) Delete all but the newest ``keep_last`` committed checkpoints, and leftovers
-    (uncommitted directories, temporaries) older than the newest committed one."""
-    complete = list_complete(run_dir)
-    if not complete:
-        return
-    newest = complete[-1].step
-    keep = {info.path for info in complete[-keep_last:]}
-    root = _root(run_dir)
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        match = _DIR_RE.match(name)
-        if match and path not in keep and int(match.group(1)) <= newest:
-            shutil.rmtree(path, ignore_errors=True)
-        elif name.startswith(".tmp-step-"):
-            step = int(name[len(".tmp-step-") :].split("-", 1)[0])
-            if step < newest:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- RNG states and collectives
+# ---------------------------------------------------------------- RNG states
 
 
 def rng_snapshot(device: str) -> bytes:
@@ -305,40 +79,6 @@ def restore_rng(snapshot: bytes, device: str) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(_tuples(state["python"]))
-
-
-def _collective_device(env: WorkerEnv) -> torch.device:
-    return torch.device(env.device) if env.backend == "nccl" else torch.device("cpu")
-
-
-def gather_bytes(data: bytes, env: WorkerEnv) -> list[bytes]:
-    """(all ranks) Every rank's ``data``, by rank; plain bytes over all_gather (no pickle)."""
-    if not env.distributed:
-        return [data]
-    import torch.distributed as dist
-
-    device = _collective_device(env)
-    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(env.world_size)]
-    dist.all_gather(sizes, size)
-    longest = max(int(s.item()) for s in sizes)
-    padded = torch.zeros(longest, dtype=torch.uint8)
-    padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    padded = padded.to(device)
-    out = [torch.zeros_like(padded) for _ in range(env.world_size)]
-    dist.all_gather(out, padded)
-    return [t.cpu().numpy()[: int(s.item())].tobytes() for t, s in zip(out, sizes)]
-
-
-def broadcast_int(value: int, env: WorkerEnv) -> int:
-    """(all ranks) The chief's ``value`` on every rank."""
-    if not env.distributed:
-        return value
-    import torch.distributed as dist
-
-    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device(env))
-    dist.broadcast(tensor, src=0)
-    return int(tensor.item())
 
 
 # ---------------------------------------------------------------- the worker's checkpointer
@@ -387,13 +127,9 @@ class Checkpointer:
         ``sharded(directory)`` (all ranks), when given, first writes every rank's pieces into
         the not yet committed checkpoint's ``sharded/`` directory.
         """
-        # Named by step and attempt, so every rank finds it and an earlier attempt's leftovers
-        # are never reused (retention deletes those).
-        staging = os.path.join(
-            _root(self.run_dir), f".tmp-{_dir_name(step)}-attempt{self.env.attempt}"
-        )
         if sharded is not None:
-            sharded(os.path.join(staging, SHARDED_DIR))
+            # Straight into the checkpoint's directory: without its marker it is not a checkpoint.
+            sharded(storage.join(RunLayout(self.run_dir).checkpoint_dir(step), SHARDED_DIR))
         rngs = gather_bytes(rng_snapshot(self.env.device), self.env)
         self.last_step = step
         if not self.env.is_chief:
@@ -411,14 +147,7 @@ class Checkpointer:
         self.check_current()
         if before_commit is not None:
             before_commit()
-        info = write_checkpoint(
-            self.run_dir,
-            step=step,
-            epoch=epoch,
-            state=state,
-            meta=meta,
-            tmp=staging if sharded is not None else None,
-        )
+        info = write_checkpoint(self.run_dir, step=step, epoch=epoch, state=state, meta=meta)
         apply_retention(self.run_dir, self.config.keep_last)
         log.info("[rank %d] checkpoint at step %d: %s", self.env.rank, step, info.path)
 
@@ -426,8 +155,7 @@ class Checkpointer:
         """(chief only) Record this attempt as the run's current one (the fence, see
         :meth:`check_current`)."""
         if self.env.is_chief:
-            path = os.path.join(_root(self.run_dir), FENCE_FILE)
-            atomic_write_bytes(path, str(self.env.attempt).encode())
+            claim_attempt(self.run_dir, self.env.attempt)
 
     def check_current(self) -> None:
         """(chief only) Raise CheckpointError when a newer attempt has claimed the run.
@@ -460,7 +188,7 @@ class Checkpointer:
             if not infos:
                 raise CheckpointError(
                     f"checkpoint at step {step} must be visible to rank {self.env.rank} under "
-                    f"{_root(self.run_dir)}, got none. run_dir must be shared storage every "
+                    f"{RunLayout(self.run_dir).checkpoints_dir}, got none. run_dir must be shared storage every "
                     "worker reaches"
                 )
             chosen = load_checkpoint(infos[0])

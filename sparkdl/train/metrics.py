@@ -1,7 +1,8 @@
 """[worker] Metric rows (epoch, step, split, name, value, wall_time) written as Parquet by the chief.
 
-Each flush writes one complete file under ``<run_dir>/metrics`` (temporary name, then rename),
-so ``spark.read.parquet(run_dir + "/metrics")`` never sees a partial file.
+Each flush writes one complete file under ``<run_dir>/metrics`` through
+:func:`sparkdl.storage.write_file` (published whole), so ``spark.read.parquet(run_dir +
+"/metrics")`` never sees a partial file.
 
 Each step appears once, across restarts. A file is named for the highest step of its rows
 (``part-s<step>-a<attempt>-<n>.parquet``), and the chief flushes right before every checkpoint
@@ -15,14 +16,14 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sparkdl.train.model_io import atomic_write_bytes, local_path
+from sparkdl import storage
+from sparkdl.rundir.layout import RunLayout
 
 __all__ = ["METRICS_SCHEMA", "MetricsLog"]
 
@@ -45,7 +46,7 @@ class MetricsLog:
     """Collects metric rows; only an enabled log (the chief's) writes files."""
 
     def __init__(self, run_dir: str, *, enabled: bool, attempt: int = 0) -> None:
-        self.dir = os.path.join(local_path(run_dir), "metrics")
+        self.dir = RunLayout(run_dir).metrics_dir
         self.enabled = enabled
         self.attempt = attempt
         self._rows: list[tuple[int, int, str, str, float, float]] = []
@@ -60,13 +61,13 @@ class MetricsLog:
     def discard_after(self, step: int) -> None:
         """(chief only) Delete metric files holding rows of steps after ``step`` (a failed
         attempt's rows past the checkpoint a new attempt resumes from)."""
-        if not self.enabled or not os.path.isdir(self.dir):
+        if not self.enabled:
             return
-        for name in sorted(os.listdir(self.dir)):
+        for name in storage.list_dir(self.dir):
             match = _PART_RE.match(name)
             if match and int(match.group(1)) > step:
                 log.info("sparkdl: discarding metrics %s (after resumed step %d)", name, step)
-                os.remove(os.path.join(self.dir, name))
+                storage.delete(storage.join(self.dir, name))
 
     def flush(self, tag: str = "") -> None:
         """(chief only) Write the rows recorded since the last flush as one Parquet file."""
@@ -82,6 +83,6 @@ class MetricsLog:
         last = max(row[1] for row in self._rows)
         suffix = f"-{tag}" if tag else ""
         name = f"part-s{last:012d}-a{self.attempt:03d}-{self._flushes:05d}{suffix}.parquet"
-        atomic_write_bytes(os.path.join(self.dir, name), buffer.getvalue())
+        storage.write_file(storage.join(self.dir, name), buffer.getvalue())
         self._flushes += 1
         self._rows.clear()

@@ -28,18 +28,21 @@ from typing import Any
 
 import torch
 
+from sparkdl import storage
 from sparkdl.config import TrainSpec
 from sparkdl.data.loader import ShardedDataset
 from sparkdl.errors import ConfigError, DataError, PeerLostError
 from sparkdl.launch.channel import report_progress
 from sparkdl.launch.context import WorkerEnv, get_context
+from sparkdl.rundir.layout import RunLayout
+from sparkdl.rundir.model_dir import save_state_dict
 from sparkdl.sync import SyncStrategy
 from sparkdl.sync.prepare import prepare_config
 from sparkdl.train.checkpoint import SHARDED_DIR, Checkpointer
+from sparkdl.train.collectives import all_reduce_max, all_reduce_sum
 from sparkdl.train.components import build_loss, build_optimizer, metric_name, metric_sum
 from sparkdl.train.early_stopping import EarlyStopping
 from sparkdl.train.metrics import MetricsLog
-from sparkdl.train.model_io import save_state_dict
 
 __all__ = ["WorkerResult", "run_worker", "train"]
 
@@ -70,32 +73,6 @@ class WorkerResult:
 def train(spec: TrainSpec) -> WorkerResult:
     """Entry point for a launched function: run_worker with the current worker's env."""
     return run_worker(spec, get_context().env)
-
-
-def _all_reduce_sum(values: list[float], env: WorkerEnv) -> list[float]:
-    """(all ranks) Element-wise sum of ``values`` over ranks; identity in a world of one."""
-    if not env.distributed:
-        return values
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if env.backend == "nccl":
-        tensor = tensor.to(env.device)
-    dist.all_reduce(tensor)
-    return tensor.cpu().tolist()
-
-
-def _all_reduce_max(value: int, env: WorkerEnv) -> int:
-    """(all ranks) The largest ``value`` over ranks; identity in a world of one."""
-    if not env.distributed:
-        return value
-    import torch.distributed as dist
-
-    tensor = torch.tensor([value], dtype=torch.int64)
-    if env.backend == "nccl":
-        tensor = tensor.to(env.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
 
 
 class _Trainer:
@@ -224,7 +201,7 @@ class _Trainer:
 
     def _record_epoch(self, epoch: int, seconds: float, sums: list[float]) -> None:
         """(all ranks) Cross-rank epoch metrics; the only collective of an asynchronous epoch."""
-        total_loss, total_samples, total_bytes, total_score, total_steps = _all_reduce_sum(
+        total_loss, total_samples, total_bytes, total_score, total_steps = all_reduce_sum(
             [*sums, float(self.steps_per_epoch)], self.env
         )
         mean_loss = total_loss / max(total_steps, 1)
@@ -275,7 +252,7 @@ class _Trainer:
     def save_checkpoint(self, epoch: int, position: dict[str, Any], samples: int) -> None:
         """(all ranks) Sum the running totals over ranks; the chief flushes metrics and commits."""
         t = self.tally
-        sums = _all_reduce_sum(
+        sums = all_reduce_sum(
             [
                 t.loss_sum,
                 float(t.window),
@@ -314,7 +291,7 @@ class _Trainer:
         self.checkpointer.apply_states(loaded, self._stateful(), self.spec.optim.seed)
         if self.strategy.sharded_checkpoint:
             self.strategy.load_checkpoint(
-                os.path.join(loaded.info.path, SHARDED_DIR), self.optimizer
+                storage.join(loaded.info.path, SHARDED_DIR), self.optimizer
             )
         meta = loaded.info.meta
         self.step = self.resumed_from_step = loaded.info.step
@@ -342,7 +319,7 @@ class _Trainer:
         """
         total, count = window_loss, float(window_steps)
         if self.strategy.synchronous:
-            total, count = _all_reduce_sum([window_loss, float(window_steps)], self.env)
+            total, count = all_reduce_sum([window_loss, float(window_steps)], self.env)
         mean = total / max(count, 1)
         self._check_finite(mean, epoch)
         self.last_loss = mean
@@ -403,7 +380,7 @@ class _Trainer:
         loss_sum, count, score = 0.0, 0.0, 0.0
         # Sharded modules gather parameters in forward (a collective): every rank runs as many
         # forwards as the rank with the most batches, the extra ones on zero rows.
-        extra = _all_reduce_max(len(loader), self.env) - len(loader)
+        extra = all_reduce_max(len(loader), self.env) - len(loader)
         with torch.no_grad():
             for features, labels in loader:
                 features, labels = features.to(self.device), labels.to(self.device)
@@ -413,7 +390,7 @@ class _Trainer:
                 score += float(metric_sum(self.metric, outputs, labels))
             for _ in range(extra):
                 self.model(torch.zeros(0, self.dataset.feature_dim, device=self.device))
-        loss_sum, count, score = _all_reduce_sum([loss_sum, count, score], self.env)
+        loss_sum, count, score = all_reduce_sum([loss_sum, count, score], self.env)
         if not count:
             return None
         self.metrics.record(epoch, self.step, "validation", "loss", loss_sum / count)
@@ -431,7 +408,7 @@ class _Trainer:
         stopping = self.early_stopping
         if stopping is None or validation_loss is None:
             return False
-        (votes,) = _all_reduce_sum([1.0 if stopping.improves(validation_loss) else 0.0], self.env)
+        (votes,) = all_reduce_sum([1.0 if stopping.improves(validation_loss) else 0.0], self.env)
         state = None
         if votes:
             state = self.strategy.final_state_dict()  # the chief's copy; None on other ranks
@@ -458,7 +435,7 @@ class _Trainer:
         self.checkpointer.check_current()
         if self.env.is_chief:
             assert state is not None
-            model_dir = os.path.join(self.spec.run_dir, "model")
+            model_dir = RunLayout(self.spec.run_dir).model_dir
             save_state_dict(state, model_dir)
         self.sync.close()
         return WorkerResult(

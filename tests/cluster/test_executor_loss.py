@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sparkdl
-from sparkdl.train import checkpoint as ckpt
+from sparkdl.rundir import checkpoints as ckpt
 
 pytestmark = pytest.mark.timeout(900)
 

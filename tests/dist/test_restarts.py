@@ -17,7 +17,7 @@ from sparkdl.config import CheckpointConfig, FaultInjection, ModelSpec, OptimCon
 from sparkdl.data.manifest import write_dataset
 from sparkdl.errors import WorkerGroupError
 from sparkdl.launch.restarts import run_with_restarts
-from sparkdl.train import checkpoint as ckpt
+from sparkdl.rundir import checkpoints as ckpt
 from sparkdl.train.worker import train
 
 pytestmark = pytest.mark.timeout(300)

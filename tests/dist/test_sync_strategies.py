@@ -273,7 +273,7 @@ def _resume_in_the_loop(dataset: str, root: str) -> dict:
 
 
 def test_sharding_strategies_checkpoint_and_resume_in_the_training_loop(checkpoint_runs):
-    from sparkdl.train import checkpoint as ckpt
+    from sparkdl.rundir import checkpoints as ckpt
 
     tmp_path, results = checkpoint_runs
     for strategy, run in results[0]["in_the_loop"].items():

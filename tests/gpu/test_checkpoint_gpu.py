@@ -13,7 +13,7 @@ import torch
 from sparkdl.config import CheckpointConfig, FaultInjection, ModelSpec, OptimConfig, TrainSpec
 from sparkdl.data.manifest import write_dataset
 from sparkdl.launch.context import WorkerEnv
-from sparkdl.train import checkpoint as ckpt
+from sparkdl.rundir import checkpoints as ckpt
 from sparkdl.train.worker import run_worker
 
 pytestmark = pytest.mark.timeout(300)

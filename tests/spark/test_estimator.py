@@ -11,7 +11,7 @@ from pyspark.sql import functions as F
 
 import sparkdl
 from sparkdl.errors import ConfigError, DataError
-from sparkdl.train.model_io import load_module
+from sparkdl.rundir.model_dir import load_module
 
 pytestmark = pytest.mark.timeout(240)
 

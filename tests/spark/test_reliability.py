@@ -14,7 +14,7 @@ import torch
 import sparkdl
 from sparkdl.artifacts import RunDirectory
 from sparkdl.errors import WorkerGroupError
-from sparkdl.train import checkpoint as ckpt
+from sparkdl.rundir import checkpoints as ckpt
 
 pytestmark = pytest.mark.timeout(600)
 

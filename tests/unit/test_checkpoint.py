@@ -16,7 +16,8 @@ from sparkdl.config import CheckpointConfig, FaultInjection, ModelSpec, OptimCon
 from sparkdl.data.manifest import write_dataset
 from sparkdl.errors import CheckpointError, ConfigError
 from sparkdl.launch.context import WorkerEnv
-from sparkdl.train import checkpoint as ckpt
+from sparkdl.rundir import checkpoints as ckpt
+from sparkdl.train.checkpoint import Checkpointer, restore_rng, rng_snapshot
 from sparkdl.train.worker import run_worker
 
 pytestmark = pytest.mark.timeout(120)
@@ -73,9 +74,9 @@ def test_checkpoint_files_load_with_weights_only(tmp_path):
 def test_rng_snapshot_round_trip():
     import random
 
-    snap = ckpt.rng_snapshot("cpu")
+    snap = rng_snapshot("cpu")
     expected = (torch.rand(3), np.random.rand(2), random.random())
-    ckpt.restore_rng(snap, "cpu")
+    restore_rng(snap, "cpu")
     again = (torch.rand(3), np.random.rand(2), random.random())
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]
@@ -178,8 +179,8 @@ def test_resume_skips_a_truncated_latest_checkpoint(tmp_path, caplog):
 
 def test_a_replaced_attempt_is_fenced_off(tmp_path):
     config = CheckpointConfig()
-    old = ckpt.Checkpointer(str(tmp_path), config, WorkerEnv(attempt=0))
-    new = ckpt.Checkpointer(str(tmp_path), config, WorkerEnv(attempt=1))
+    old = Checkpointer(str(tmp_path), config, WorkerEnv(attempt=0))
+    new = Checkpointer(str(tmp_path), config, WorkerEnv(attempt=1))
     old.claim()
     old.check_current()
     new.claim()

@@ -1,18 +1,21 @@
-"""[worker] The model directory: weights (weights_only-loadable) and how to rebuild the module.
+"""[any] The model directory format: one writer, one reader (weights and how to rebuild the module).
 
-Layout of ``<run_dir>/model``::
+Layout of ``<run_dir>/model`` (and of ``model/`` inside a saved TorchModel)::
 
     state_dict.pt      the weights; torch.load(path, weights_only=True) reads it
     model.json         factory import path + kwargs when the model has one, shapes, versions
     architecture.pkl   cloudpickled ModelSpec (written by the driver) when there is no import path;
                        unpickled only with trust_pickle=True
+
+Every file goes through :mod:`sparkdl.storage`, so a model directory may be any URI. The
+driver writes model.json (and architecture.pkl) before training; the chief writes the weights
+last, so a directory without state_dict.pt is an unfinished run's.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,42 +23,29 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from sparkdl import storage
 from sparkdl.config import ModelSpec
 from sparkdl.errors import CheckpointError
 
 __all__ = [
+    "ARCH_FILE",
+    "META_FILE",
+    "STATE_FILE",
     "save_weights",
     "save_state_dict",
+    "state_bytes",
     "weights_bytes",
     "model_meta",
     "write_model_json",
+    "write_model_dir",
+    "read_model_json",
     "load_module",
     "module_from_bytes",
-    "local_path",
-    "atomic_write_bytes",
 ]
 
 STATE_FILE = "state_dict.pt"
 META_FILE = "model.json"
 ARCH_FILE = "architecture.pkl"
-
-
-def local_path(path: str) -> str:
-    """A ``file://`` URI or plain path → a local filesystem path."""
-    return path[len("file://") :] if path.startswith("file://") else path
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` under a temporary name and rename: readers never see a partial file."""
-    path = local_path(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    # A dot-prefixed temporary name: Spark and pyarrow dataset readers skip hidden files.
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def state_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -77,8 +67,8 @@ def save_weights(module: nn.Module, model_dir: str) -> str:
 
 def save_state_dict(state: Mapping[str, torch.Tensor], model_dir: str) -> str:
     """(chief only) Save a state dict (as CPU tensors) atomically; returns the file path."""
-    path = os.path.join(local_path(model_dir), STATE_FILE)
-    atomic_write_bytes(path, state_bytes(state))
+    path = storage.join(model_dir, STATE_FILE)
+    storage.write_file(path, state_bytes(state))
     return path
 
 
@@ -92,18 +82,34 @@ def model_meta(spec: ModelSpec, extra: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_model_json(model_dir: str, spec: ModelSpec, extra: dict[str, Any]) -> None:
-    """Describe how to rebuild the module without unpickling when it has an import path."""
-    path = os.path.join(local_path(model_dir), META_FILE)
+def write_model_json(
+    model_dir: str, spec: ModelSpec, extra: dict[str, Any], architecture: bytes | None = None
+) -> None:
+    """Describe how to rebuild the module: model.json, and ``architecture`` (the cloudpickled
+    ``spec``, which the driver pickles) as architecture.pkl when ``spec`` has no import path."""
+    if spec.import_path is None and architecture is not None:
+        storage.write_file(storage.join(model_dir, ARCH_FILE), architecture)
     data = json.dumps(model_meta(spec, extra), indent=2, sort_keys=True).encode()
-    atomic_write_bytes(path, data)
+    storage.write_file(storage.join(model_dir, META_FILE), data)
+
+
+def write_model_dir(
+    model_dir: str,
+    state: Mapping[str, Any],
+    spec: ModelSpec,
+    extra: dict[str, Any],
+    architecture: bytes | None = None,
+) -> None:
+    """Write a complete model directory: model.json (+ architecture.pkl), the weights last."""
+    write_model_json(model_dir, spec, extra, architecture)
+    save_state_dict(state, model_dir)
 
 
 def read_model_json(model_dir: str) -> dict[str, Any]:
-    path = os.path.join(local_path(model_dir), META_FILE)
+    """model.json's content; CheckpointError when ``model_dir`` is no model directory."""
+    path = storage.join(model_dir, META_FILE)
     try:
-        with open(path) as fh:
-            return json.load(fh)
+        return json.loads(storage.read_file(path))
     except FileNotFoundError as exc:
         raise CheckpointError(
             f"{path} is missing: {model_dir} is not a sparkdl model directory"
@@ -117,14 +123,12 @@ def load_module(model_dir: str, *, trust_pickle: bool = False, model: Any = None
     import path in model.json, or architecture.pkl, which is unpickled only when
     ``trust_pickle=True`` (unpickling runs code: trust the directory's writer first).
     """
-    root = local_path(model_dir)
 
     def read(name: str) -> bytes:
-        with open(os.path.join(root, name), "rb") as fh:
-            return fh.read()
+        return storage.read_file(storage.join(model_dir, name))
 
     return module_from_bytes(
-        read_model_json(root), read, trust_pickle=trust_pickle, model=model, where=model_dir
+        read_model_json(model_dir), read, trust_pickle=trust_pickle, model=model, where=model_dir
     )
 
 
