@@ -9,7 +9,6 @@ jobs/predict.py, and scores data.test when set.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from pyspark.sql import functions as F
@@ -24,6 +23,7 @@ from sparkdl.cli import (
     spark_session_for_job,
 )
 from sparkdl.launch.launcher import job_description, spark_job_phase
+from sparkdl.rundir import RunLayout
 
 
 def main(argv=None) -> int:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     if data["test"]:
         label = F.col(data["label_col"])
         scored = model.transform(read_input(spark, data["test"], data["format"], data["options"]))
-        run_name = os.path.basename(os.path.normpath(model.run_dir))
+        run_name = RunLayout(model.run_dir).name
         with spark_job_phase(spark.sparkContext, job_description(run_name, "predict")):
             if model.classification:
                 hits = (F.col("prediction") == label).cast("double")

@@ -21,7 +21,7 @@ _EXPORTS = {
     "ShardedDataset": "sparkdl.data",
     "materialize": "sparkdl.data",
     "Distributor": "sparkdl.launch",
-    "get_context": "sparkdl.launch.context",
+    "get_context": "sparkdl.context",
     "TorchEstimator": "sparkdl.ml.estimator",
     "TorchModel": "sparkdl.ml.estimator",
 }
@@ -60,6 +60,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from sparkdl.context import get_context
     from sparkdl.data import ShardedDataset, materialize
     from sparkdl.errors import (
         CheckpointError,
@@ -71,5 +72,4 @@ if TYPE_CHECKING:
         WorkerGroupError,
     )
     from sparkdl.launch import Distributor
-    from sparkdl.launch.context import get_context
     from sparkdl.ml.estimator import TorchEstimator, TorchModel

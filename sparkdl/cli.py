@@ -198,9 +198,9 @@ def read_input(spark: Any, path: str, fmt: str, options: dict[str, Any] | None =
 
 def saved_model_path(config: dict[str, Any]) -> str:
     """Where jobs/train.py saves the TorchModel (run.model_path, else <run_dir>/spark_model)."""
-    import os
+    from sparkdl.rundir import RunLayout
 
-    return config["run"]["model_path"] or os.path.join(config["run"]["run_dir"], "spark_model")
+    return config["run"]["model_path"] or RunLayout(config["run"]["run_dir"]).spark_model_dir
 
 
 def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """[driver] Launching workers: Distributor (Spark barrier stage or local processes).
 
 Only the driver-side entry point is re-exported here, and only on first use, so a worker that
-imports ``sparkdl.launch.context`` (its view of the group) or the task adapter
+imports ``sparkdl.context`` (its view of the group) or the task adapter
 ``sparkdl.launch.rendezvous`` never loads the launcher.
 """
 

@@ -1,6 +1,6 @@
 """[driver] What the workers send, shown on the driver: each rank's log lines and live progress.
 
-A :class:`RunMonitor` is the sink of one launch's driver channel (``sparkdl.launch.channel``):
+A :class:`RunMonitor` is the sink of one launch's driver channel (``sparkdl.channel``):
 
 - a log frame becomes the line ``[rank N] message`` on the ``sparkdl.workers`` logger, at the
   worker's level, and, with a ``log_dir``, a line in ``log_dir/rank-N.log``. The driver writes

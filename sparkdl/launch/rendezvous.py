@@ -22,7 +22,7 @@ from sparkdl.channel.client import gather as channel_gather
 from sparkdl.errors import RankFailure, RendezvousError, is_peer_loss
 
 if TYPE_CHECKING:
-    from sparkdl.launch.context import WorkerEnv
+    from sparkdl.context import WorkerEnv
 
 __all__ = [
     "LaunchOptions",
@@ -104,7 +104,7 @@ def build_worker_env(
     (rank 0) hosts the store on ``chief_port``. local_rank is this task's index among the tasks
     on the same host. With ``use_gpu`` the first assigned GPU address names the CUDA device.
     """
-    from sparkdl.launch.context import WorkerEnv
+    from sparkdl.context import WorkerEnv
 
     world = len(task_addresses)
     if world != options.num_workers or not 0 <= rank < world:
@@ -247,7 +247,7 @@ def run_rank(
     try:
         from pyspark import cloudpickle
 
-        from sparkdl.launch.context import worker_group
+        from sparkdl.context import worker_group
 
         env = make_env()
         fn, args, kwargs = cloudpickle.loads(payload)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from sparkdl.config import SyncConfig
-from sparkdl.launch.context import WorkerEnv
+from sparkdl.context import WorkerEnv
 from sparkdl.sync.base import SyncStrategy, wire_bytes
 from sparkdl.sync.prepare import Prepared, prepare
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from sparkdl.launch.context import WorkerEnv
+from sparkdl.context import WorkerEnv
 
 __all__ = ["SyncStrategy", "OptimizerFactory", "wire_bytes", "CHECKPOINT_FILE"]
 

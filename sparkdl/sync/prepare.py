@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from sparkdl.config import SyncConfig
-from sparkdl.launch.context import WorkerEnv, get_context
+from sparkdl.context import WorkerEnv, get_context
 from sparkdl.sync.base import OptimizerFactory, SyncStrategy
 
 __all__ = ["Prepared", "prepare", "prepare_config"]

@@ -19,8 +19,8 @@ import torch
 
 from sparkdl import storage
 from sparkdl.config import CheckpointConfig
+from sparkdl.context import WorkerEnv
 from sparkdl.errors import CheckpointError
-from sparkdl.launch.context import WorkerEnv
 from sparkdl.rundir.checkpoints import (
     SHARDED_DIR,
     LoadedCheckpoint,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sparkdl.launch.context import WorkerEnv
+from sparkdl.context import WorkerEnv
 
 __all__ = ["all_reduce_sum", "all_reduce_max", "gather_bytes", "broadcast_int"]
 

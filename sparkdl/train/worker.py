@@ -29,11 +29,11 @@ from typing import Any
 import torch
 
 from sparkdl import storage
+from sparkdl.channel.client import report_progress
 from sparkdl.config import TrainSpec
+from sparkdl.context import WorkerEnv, get_context
 from sparkdl.data.loader import ShardedDataset
-from sparkdl.errors import ConfigError, DataError, PeerLostError
-from sparkdl.launch.channel import report_progress
-from sparkdl.launch.context import WorkerEnv, get_context
+from sparkdl.errors import ConfigError, DataError, PeerLostError, is_peer_loss
 from sparkdl.rundir.layout import RunLayout
 from sparkdl.rundir.model_dir import save_state_dict
 from sparkdl.sync import SyncStrategy
@@ -490,24 +490,11 @@ def _inject(fault: Any) -> None:
         time.sleep(3600)
 
 
-_COLLECTIVE_ERRORS = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")
-_COLLECTIVE_HINTS = (
-    "connection closed by peer",
-    "connection reset by peer",
-    "broken pipe",
-    "timed out",
-    "nccl communicator was aborted",
-)
-
-
 def _peer_lost(exc: BaseException, trainer: _Trainer) -> BaseException:
     """A failed collective → PeerLostError saying where this rank was and what bound applied."""
-    name = type(exc).__name__
-    text = str(exc).lower()
-    if name not in _COLLECTIVE_ERRORS and not (
-        isinstance(exc, RuntimeError) and any(h in text for h in _COLLECTIVE_HINTS)
-    ):
+    if isinstance(exc, PeerLostError) or not is_peer_loss(exc):
         return exc
+    name = type(exc).__name__
     return PeerLostError(
         f"rank {trainer.env.rank} of {trainer.env.world_size} lost its group at epoch "
         f"{trainer.epoch}, step {trainer.step}: a collective did not complete within "

@@ -9,7 +9,7 @@ import pytest
 
 from sparkdl.errors import WorkerGroupError
 from sparkdl.launch import Distributor
-from sparkdl.launch.context import get_context
+from sparkdl.context import get_context
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import sparkdl
-from sparkdl.launch.context import get_context
+from sparkdl.context import get_context
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sparkdl.config import CheckpointConfig, FaultInjection, ModelSpec, OptimConfig, TrainSpec
+from sparkdl.context import WorkerEnv
 from sparkdl.data.manifest import write_dataset
-from sparkdl.launch.context import WorkerEnv
 from sparkdl.rundir import checkpoints as ckpt
 from sparkdl.train.worker import run_worker
 

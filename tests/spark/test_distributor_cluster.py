@@ -7,8 +7,8 @@ import sys
 import pytest
 from pyspark import cloudpickle
 
+from sparkdl.context import get_context
 from sparkdl.launch import Distributor
-from sparkdl.launch.context import get_context
 
 pytestmark = pytest.mark.timeout(300)
 

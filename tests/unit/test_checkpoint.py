@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from sparkdl.config import CheckpointConfig, FaultInjection, ModelSpec, OptimConfig, TrainSpec
+from sparkdl.context import WorkerEnv
 from sparkdl.data.manifest import write_dataset
 from sparkdl.errors import CheckpointError, ConfigError
-from sparkdl.launch.context import WorkerEnv
 from sparkdl.rundir import checkpoints as ckpt
 from sparkdl.train.checkpoint import Checkpointer, restore_rng, rng_snapshot
 from sparkdl.train.worker import run_worker

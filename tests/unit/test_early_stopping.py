@@ -12,10 +12,10 @@ import torch
 
 from sparkdl.artifacts import epoch_metrics, plot_epochs
 from sparkdl.config import ModelSpec, OptimConfig, TrainSpec
+from sparkdl.context import WorkerEnv
 from sparkdl.data import materialize
 from sparkdl.data.manifest import write_dataset
 from sparkdl.errors import ConfigError
-from sparkdl.launch.context import WorkerEnv
 from sparkdl.train.early_stopping import EarlyStopping
 from sparkdl.train.worker import run_worker
 

@@ -20,9 +20,9 @@ from sparkdl.config import (
     SyncConfig,
     TrainSpec,
 )
+from sparkdl.context import WorkerEnv
 from sparkdl.data.manifest import write_dataset
 from sparkdl.errors import ConfigError
-from sparkdl.launch.context import WorkerEnv
 from sparkdl.sync import make_strategy, prepare, wire_bytes
 from sparkdl.sync.parameter_server import ShardServer, assign_shards
 from sparkdl.train.worker import run_worker

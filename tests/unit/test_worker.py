@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from sparkdl.config import ModelSpec, OptimConfig, TrainSpec
+from sparkdl.context import WorkerEnv
 from sparkdl.data.manifest import write_dataset
 from sparkdl.errors import DataError
-from sparkdl.launch.context import WorkerEnv
 from sparkdl.train.worker import run_worker
 
 pytestmark = pytest.mark.timeout(60)
