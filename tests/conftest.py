@@ -1,4 +1,4 @@
-"""Shared fixtures; one marker per tier (unit, dist, spark, cluster, gpu), each test with a timeout."""
+"""Shared fixtures; one marker per tier (unit, dist, spark, cluster, s3, gpu), each test with a timeout."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def pytest_collection_modifyitems(config, items):
         has_cuda = False
     for item in items:
         parts = item.path.parts
-        for tier in ("unit", "dist", "spark", "cluster", "gpu"):
+        for tier in ("unit", "dist", "spark", "cluster", "s3", "gpu"):
             if tier in parts:
                 item.add_marker(getattr(pytest.mark, tier))
         if "gpu" in parts and not has_cuda:
