@@ -139,11 +139,17 @@ def open_input(fs: pafs.FileSystem, path: str):
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary name next to ``path``, then rename it into place.
+    """Publish ``data`` at ``path`` whole or not at all (see :func:`write_file`).
 
-    Readers therefore see either no file or the complete file (rename is atomic on local and
-    HDFS filesystems; object stores publish an object only when its upload completes).
+    Local and HDFS filesystems: a hidden temporary name next to ``path``, then a rename (atomic
+    there). Object stores and others: one upload, which publishes the object only when it
+    completes; on an error the stream is not closed, so no partial object appears.
     """
+    if fs.type_name not in ("local", "hdfs"):
+        out = open_output(fs, path)
+        out.write(data)
+        out.close()  # only after a complete write: closing is what publishes the object
+        return
     parent = _parent(path)
     name = path.rsplit("/", 1)[-1]
     tmp = join(parent, f".{name}.{uuid.uuid4().hex}.tmp") if parent else f".{name}.tmp"
@@ -232,9 +238,7 @@ def write_file(uri: str, data: bytes) -> None:
     """Publish ``data`` at ``uri`` whole or not at all, creating parent directories.
 
     Local: a hidden temporary file beside it (Spark and pyarrow readers skip dot files), fsync,
-    then ``os.replace``. HDFS: a temporary file, then a rename (atomic there). Object stores and
-    others: one upload, which publishes the object only when it completes; on an error the
-    stream is not closed, so no partial object appears.
+    then ``os.replace``. Elsewhere see :func:`write_bytes_atomic`.
     """
     path = local_path(uri)
     if path is not None:
@@ -253,12 +257,7 @@ def write_file(uri: str, data: bytes) -> None:
             raise
         return
     fs, fs_path = resolve(uri)
-    if _scheme(uri) in ("hdfs", "viewfs"):
-        write_bytes_atomic(fs, fs_path, data)
-        return
-    out = open_output(fs, fs_path)
-    out.write(data)
-    out.close()  # only after a complete write: closing is what publishes the object
+    write_bytes_atomic(fs, fs_path, data)
 
 
 def delete(uri: str) -> None:
