@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +50,7 @@ import torch
 from sparkdl import storage
 from sparkdl.config import READERS
 from sparkdl.data.manifest import FileEntry, Manifest
+from sparkdl.data.prefetch import prefetched
 from sparkdl.errors import ConfigError, DataError
 
 __all__ = ["ShardedDataset", "ShardLoader", "rank_slice", "steps_for"]
@@ -60,7 +60,6 @@ log = logging.getLogger("sparkdl")
 Batch = tuple[torch.Tensor, torch.Tensor]
 _BUFFER_BYTES = 64 << 20
 _BUFFER_MAX_ROWS = 1 << 17
-_HANDOVER_BATCHES = 16
 
 
 def rank_slice(total: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -417,7 +416,7 @@ class ShardLoader:
         self._consumed = skip
         produced = self._produce(self._epoch, skip)
         if self.prefetch_batches > 0:
-            produced = _prefetched(produced, self.prefetch_batches)
+            produced = prefetched(produced, self.prefetch_batches)
         for features, label in produced:
             if self.device is not None:
                 features = features.to(self.device, non_blocking=self.pin_memory)
@@ -623,66 +622,3 @@ def _column_values(
             f"{n} rows. Re-materialize the dataset with mode='overwrite'."
         )
     return values
-
-
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-_DONE = object()
-
-
-def _prefetched(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
-    """Run ``source`` in a daemon thread, about ``depth`` batches ahead, in the same order.
-
-    Batches cross over in groups of up to ``_HANDOVER_BATCHES`` (one thread switch per group
-    rather than per batch, which otherwise costs ~60 us a batch under the GIL), so the thread
-    works ahead by ``depth`` rounded up to a whole group. The thread stops when the consumer
-    stops (break, exception, garbage collection); its exceptions re-raise in the consumer.
-    """
-    q: queue.Queue[Any] = queue.Queue(maxsize=max(1, math.ceil(depth / _HANDOVER_BATCHES)))
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            group: list[Batch] = []
-            for item in source:
-                group.append(item)
-                if len(group) >= _HANDOVER_BATCHES:
-                    if not put(group):
-                        return
-                    group = []
-            if (not group or put(group)) and put(_DONE):
-                return
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            put(_Failure(e))
-        finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=run, name="sparkdl-loader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield from item
-    finally:
-        stop.set()
-        while not q.empty():
-            q.get_nowait()
-        thread.join(timeout=10)
