@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from sparkdl._checks import expect_choice, expect_int, fail
 from sparkdl.errors import ConfigError
 
 __all__ = [
@@ -42,20 +43,14 @@ COMPRESSIONS = ("fp16", "bf16", "powersgd")
 FAULT_MODES = ("exit", "sigkill", "raise", "hang")
 
 
-def _fail(field_name: str, constraint: str, value: Any, fix: str) -> ConfigError:
-    return ConfigError(f"{field_name} must be {constraint}, got {value!r}. {fix}.")
-
-
 def _positive_int(name: str, value: Any, fix: str, *, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise _fail(name, f"an integer ≥ {low}", value, fix)
+    expect_int(name, value, fix, low=0 if allow_zero else 1)
 
 
 def resolve_import_path(path: str) -> Any:
     """``"package.module:attr"`` → the object; ConfigError naming the path when it cannot."""
     if not isinstance(path, str) or ":" not in path:
-        raise _fail("import path", 'of the form "package.module:attribute"', path, "Fix the path")
+        raise fail("import path", 'of the form "package.module:attribute"', path, "Fix the path")
     module_name, _, attr = path.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -86,14 +81,14 @@ class ModelSpec:
             resolve_import_path(f)  # fail on the driver, not on every worker
         elif isinstance(f, nn.Module):
             if self.kwargs:
-                raise _fail(
+                raise fail(
                     "model kwargs",
                     "empty for an nn.Module instance",
                     dict(self.kwargs),
                     "Pass a factory to use keyword arguments",
                 )
         elif not callable(f):
-            raise _fail(
+            raise fail(
                 "model",
                 "an nn.Module, a callable returning one, or an import path",
                 type(f).__name__,
@@ -122,7 +117,7 @@ class ModelSpec:
                 f"the model factory {f!r} raised {type(exc).__name__}: {exc}"
             ) from exc
         if not isinstance(module, nn.Module):
-            raise _fail(
+            raise fail(
                 "the model factory's result",
                 "an nn.Module",
                 type(module).__name__,
@@ -159,18 +154,18 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, str) and self.loss not in LOSSES:
-            raise _fail("loss", f"one of {LOSSES} or a callable", self.loss, "Pick a listed name")
+            raise fail("loss", f"one of {LOSSES} or a callable", self.loss, "Pick a listed name")
         if not isinstance(self.loss, str) and not callable(self.loss):
-            raise _fail("loss", "a name or a callable", self.loss, "Pass e.g. loss='mse'")
+            raise fail("loss", "a name or a callable", self.loss, "Pass e.g. loss='mse'")
         if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
-            raise _fail(
+            raise fail(
                 "optimizer",
                 f"one of {OPTIMIZERS} or a callable",
                 self.optimizer,
                 "Pick a listed name",
             )
         if not isinstance(self.optimizer, str) and not callable(self.optimizer):
-            raise _fail(
+            raise fail(
                 "optimizer", "a name or a callable", self.optimizer, "Pass e.g. optimizer='sgd'"
             )
         lr = self.learning_rate
@@ -180,7 +175,7 @@ class OptimConfig:
             or not math.isfinite(lr)
             or lr <= 0
         ):
-            raise _fail("learning_rate", "a finite number > 0", lr, "Use e.g. 1e-3")
+            raise fail("learning_rate", "a finite number > 0", lr, "Use e.g. 1e-3")
         _positive_int("batch_size", self.batch_size, "Use e.g. batch_size=64")
         _positive_int("epochs", self.epochs, "Use e.g. epochs=5")
         _positive_int(
@@ -193,9 +188,8 @@ class OptimConfig:
             allow_zero=True,
         )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise _fail("seed", "an integer", self.seed, "Use e.g. seed=0")
-        if self.reader not in READERS:
-            raise _fail("reader", f"one of {READERS}", self.reader, 'Use reader="pyarrow"')
+            raise fail("seed", "an integer", self.seed, "Use e.g. seed=0")
+        expect_choice("reader", self.reader, READERS, 'Use reader="pyarrow"')
         if self.reader == "petastorm":
             from sparkdl.data.petastorm import require_petastorm
 
@@ -216,7 +210,7 @@ class AllReduceOptions:
 
     def __post_init__(self) -> None:
         if self.compression is not None and self.compression not in COMPRESSIONS:
-            raise _fail(
+            raise fail(
                 "compression",
                 f"None or one of {COMPRESSIONS}",
                 self.compression,
@@ -225,7 +219,7 @@ class AllReduceOptions:
         _positive_int("powersgd_rank", self.powersgd_rank, "Use e.g. powersgd_rank=1")
         steps = self.powersgd_warmup_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-            raise _fail(
+            raise fail(
                 "powersgd_warmup_steps",
                 "an integer ≥ 2 (error feedback needs plain all-reduce steps first)",
                 steps,
@@ -277,7 +271,7 @@ class FSDPOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.reshard_after_forward, bool):
-            raise _fail(
+            raise fail(
                 "reshard_after_forward", "a bool", self.reshard_after_forward, "Use True or False"
             )
         _positive_int("min_unit_params", self.min_unit_params, "Use e.g. 100000", allow_zero=True)
@@ -308,14 +302,14 @@ class SyncConfig:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise _fail(
+            raise fail(
                 "strategy",
                 f"one of {STRATEGIES}",
                 self.strategy,
                 'Use strategy="allreduce" unless you need another mode',
             )
         if not isinstance(self.options, Mapping):
-            raise _fail("strategy_options", "a dict", self.options, 'Pass e.g. {"sync_every": 8}')
+            raise fail("strategy_options", "a dict", self.options, 'Pass e.g. {"sync_every": 8}')
         self.typed_options()
 
     def typed_options(self) -> Any:
@@ -327,13 +321,13 @@ class SyncConfig:
                 continue
             owners = _options_owner(key)
             if owners:
-                raise _fail(
+                raise fail(
                     key,
                     f"used with strategy={owners[0]!r}",
                     f"{key}={self.options[key]!r} with strategy={self.strategy!r}",
                     f"Use strategy={owners[0]!r} or drop {key!r}",
                 )
-            raise _fail(
+            raise fail(
                 f"strategy_options key {key!r}",
                 f"one of {allowed} for strategy={self.strategy!r}",
                 key,
@@ -342,7 +336,7 @@ class SyncConfig:
         if self.strategy == "allreduce" and self.options.get("compression") != "powersgd":
             for key in ("powersgd_rank", "powersgd_warmup_steps"):
                 if key in self.options:
-                    raise _fail(
+                    raise fail(
                         key,
                         'used with compression="powersgd"',
                         f"{key} with compression={self.options.get('compression')!r}",
@@ -353,7 +347,7 @@ class SyncConfig:
     def check_world_size(self, num_workers: int) -> None:
         """Checks that need the worker count (run on the driver before launching)."""
         if self.strategy == "fsdp" and num_workers < 2:
-            raise _fail(
+            raise fail(
                 "num_workers",
                 '≥ 2 for strategy="fsdp" (it shards over a process group, and one worker has none)',
                 num_workers,
@@ -361,7 +355,7 @@ class SyncConfig:
             )
         opts = self.typed_options()
         if self.strategy == "parameter_server" and opts.num_servers > num_workers:
-            raise _fail(
+            raise fail(
                 "num_servers",
                 f"at most num_workers ({num_workers}): servers run on ranks 0 … num_servers-1",
                 opts.num_servers,
@@ -414,7 +408,7 @@ class FaultInjection:
         _positive_int("fault_injection step", self.step, "Steps count from 1")
         _positive_int("fault_injection attempt", self.attempt, "Use 0", allow_zero=True)
         if self.mode not in FAULT_MODES:
-            raise _fail("fault_injection mode", f"one of {FAULT_MODES}", self.mode, "Pick one")
+            raise fail("fault_injection mode", f"one of {FAULT_MODES}", self.mode, "Pick one")
 
     @classmethod
     def coerce(cls, value: Any) -> tuple[FaultInjection, ...]:
@@ -430,14 +424,14 @@ class FaultInjection:
                 try:
                     faults.append(cls(**dict(item)))
                 except TypeError as exc:
-                    raise _fail(
+                    raise fail(
                         "fault_injection",
                         "a dict with keys rank, step, attempt, mode",
                         dict(item),
                         "Remove unknown keys",
                     ) from exc
             else:
-                raise _fail(
+                raise fail(
                     "fault_injection",
                     "None, a FaultInjection, a dict or a list of them",
                     item,
@@ -464,4 +458,4 @@ class TrainSpec:
     def __post_init__(self) -> None:
         for name, value in (("dataset_path", self.dataset_path), ("run_dir", self.run_dir)):
             if not isinstance(value, str) or not value:
-                raise _fail(name, "a non-empty path or URI", value, "Pass a directory")
+                raise fail(name, "a non-empty path or URI", value, "Pass a directory")

@@ -20,6 +20,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
+from sparkdl._checks import expect_int
 from sparkdl.channel.server import ChannelServer
 from sparkdl.errors import ConfigError, RankFailure, RendezvousError, WorkerGroupError
 from sparkdl.launch.checks import check_launch
@@ -71,11 +72,11 @@ class Distributor:
         collective_timeout_s: float = 120,
         channel: bool = True,
     ) -> None:
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-            raise ConfigError(
-                f"num_workers must be an integer ≥ 1, got {num_workers!r}. "
-                "Pass the number of workers (Spark tasks or local processes) to run."
-            )
+        expect_int(
+            "num_workers",
+            num_workers,
+            "Pass the number of workers (Spark tasks or local processes) to run",
+        )
         resolved = backend or ("nccl" if use_gpu else "gloo")
         if resolved not in _BACKENDS:
             raise ConfigError(

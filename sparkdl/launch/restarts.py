@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sparkdl._checks import expect_int
 from sparkdl.errors import WorkerGroupError, promote
 from sparkdl.rundir.checkpoints import claimed_attempt, latest_step
 
@@ -52,12 +53,7 @@ def run_with_restarts(
     error)`` is called for every failed attempt (e.g. to record it in run.json);
     ``make_monitor()`` gives each attempt a fresh driver-side monitor (the launch owns it).
     """
-    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
-        from sparkdl.errors import ConfigError
-
-        raise ConfigError(
-            f"max_restarts must be an integer ≥ 0, got {max_restarts!r}. Use 0 to never restart"
-        )
+    expect_int("max_restarts", max_restarts, "Use 0 to never restart", low=0)
     previous: frozenset | None = None
     progress = latest_step(run_dir)
     claimed = claimed_attempt(run_dir)  # a run resumed after its driver died mid-attempt

@@ -15,7 +15,6 @@ config. A row with a ``section`` feeds that config object's field (``"optim"`` �
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from pyspark.ml.base import Estimator
 from pyspark.ml.util import MLReadable, MLWritable
 
 from sparkdl import storage
+from sparkdl._checks import expect_bool, expect_columns, expect_int, expect_name, expect_number
 from sparkdl.artifacts import RunDirectory
 from sparkdl.config import (
     CheckpointConfig,
@@ -117,43 +117,22 @@ class _Configs:
 
 
 def _check_estimator_values(v: dict[str, Any]) -> None:
-    cols = v.get("feature_cols")
-    if not isinstance(cols, list) or not cols or not all(isinstance(c, str) and c for c in cols):
-        raise ConfigError(
-            f"feature_cols must be a non-empty list of column names, got {cols!r}. "
-            'Pass e.g. feature_cols=["features"]'
-        )
+    expect_columns("feature_cols", v.get("feature_cols"), 'Pass e.g. feature_cols=["features"]')
     for name in ("label_col", "run_dir"):
-        if not isinstance(v.get(name), str) or not v.get(name):
-            raise ConfigError(f"{name} must be a non-empty string, got {v.get(name)!r}. Set it")
-    workers = v["num_workers"]
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(
-            f"num_workers must be an integer ≥ 1, got {workers!r}. Use e.g. num_workers=2"
-        )
-    fraction = v["validation_fraction"]
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-        fraction = math.nan
-    if not 0.0 <= fraction < 1.0:
-        raise ConfigError(
-            f"validation_fraction must be in [0, 1), got {v['validation_fraction']!r}. Use e.g. 0.1"
-        )
+        expect_name(name, v.get(name))
+    expect_int("num_workers", v["num_workers"], "Use e.g. num_workers=2")
+    fraction = expect_number(
+        "validation_fraction", v["validation_fraction"], "Use e.g. 0.1", at_least=0, below=1
+    )
     if not isinstance(v["validation_col"], str) or (fraction and v["validation_col"]):
         raise ConfigError(
             f"validation_col must be a column name used without validation_fraction, got "
             f"{v['validation_col']!r} with validation_fraction={fraction}. Use one of them"
         )
-    timeout = v["collective_timeout_s"]
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ConfigError(f"collective_timeout_s must be > 0, got {timeout!r}. Use e.g. 120")
+    expect_number("collective_timeout_s", v["collective_timeout_s"], "Use e.g. 120", above=0)
     for name in ("use_gpu", "overwrite", "resume", "progress"):
-        if not isinstance(v[name], bool):
-            raise ConfigError(f"{name} must be True or False, got {v[name]!r}. Pass a bool")
-    restarts = v["max_restarts"]
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
-        raise ConfigError(
-            f"max_restarts must be an integer ≥ 0, got {restarts!r}. Use 0 to never restart"
-        )
+        expect_bool(name, v[name])
+    expect_int("max_restarts", v["max_restarts"], "Use 0 to never restart", low=0)
     check_on_invalid(v["on_invalid"])
     FaultInjection.coerce(v["fault_injection"])
 

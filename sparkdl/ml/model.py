@@ -16,6 +16,7 @@ from pyspark.ml.base import Model
 from pyspark.ml.util import MLReadable, MLWritable
 
 from sparkdl import storage
+from sparkdl._checks import expect_choice, expect_columns, expect_int
 from sparkdl.artifacts import RunDirectory
 from sparkdl.config import ModelSpec
 from sparkdl.errors import ConfigError
@@ -61,16 +62,8 @@ def check_output_params(values: dict[str, Any]) -> None:
             raise ConfigError(
                 f"{name} must be a column name, got {value!r}. Pass e.g. 'prediction'"
             )
-    size = values.get("inference_batch_size")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(
-            f"inference_batch_size must be an integer ≥ 1, got {size!r}. Use e.g. 1024"
-        )
-    if values.get("inference_device") not in DEVICES:
-        raise ConfigError(
-            f"inference_device must be one of {DEVICES}, got {values.get('inference_device')!r}. "
-            "Use 'auto'"
-        )
+    expect_int("inference_batch_size", values.get("inference_batch_size"), "Use e.g. 1024")
+    expect_choice("inference_device", values.get("inference_device"), DEVICES, "Use 'auto'")
 
 
 @with_params(
@@ -119,12 +112,9 @@ class TorchModel(TableParams, Model, ParamsPersistence, MLWritable, MLReadable["
 
     def _validate(self) -> None:
         check_output_params(self.values())
-        cols = self.get("feature_cols")
-        if not isinstance(cols, list) or not cols or not all(isinstance(c, str) for c in cols):
-            raise ConfigError(
-                f"feature_cols must be a non-empty list of column names, got {cols!r}. "
-                'Pass e.g. feature_cols=["features"]'
-            )
+        expect_columns(
+            "feature_cols", self.get("feature_cols"), 'Pass e.g. feature_cols=["features"]'
+        )
 
     @property
     def module(self) -> Any:
