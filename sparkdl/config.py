@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sparkdl._checks import expect_choice, expect_int, fail
+from sparkdl.data.readers import READERS, require_petastorm
 from sparkdl.errors import ConfigError
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
 LOSSES = ("cross_entropy", "mse", "l1", "smooth_l1", "bce_with_logits", "nll")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
 STRATEGIES = ("allreduce", "local_sgd", "parameter_server", "fsdp")
-READERS = ("pyarrow", "petastorm")
 COMPRESSIONS = ("fp16", "bf16", "powersgd")
 FAULT_MODES = ("exit", "sigkill", "raise", "hang")
 
@@ -191,8 +191,6 @@ class OptimConfig:
             raise fail("seed", "an integer", self.seed, "Use e.g. seed=0")
         expect_choice("reader", self.reader, READERS, 'Use reader="pyarrow"')
         if self.reader == "petastorm":
-            from sparkdl.data.petastorm import require_petastorm
-
             require_petastorm()  # fail on the driver, not on every worker
 
 

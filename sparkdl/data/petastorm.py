@@ -35,7 +35,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import re
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,39 +43,10 @@ import numpy as np
 from sparkdl import storage
 from sparkdl.data.loader import Batch, ShardedDataset, ShardLoader, rank_slice
 from sparkdl.data.manifest import FileEntry
+from sparkdl.data.readers import COMPAT_HINT, require_petastorm
 from sparkdl.errors import ConfigError, DataError
 
 __all__ = ["COMPAT_HINT", "PetastormLoader", "file_urls", "require_petastorm"]
-
-COMPAT_HINT = (
-    "petastorm runs with pyarrow < 15, numpy < 2 and pyspark 3.5/4.0: use the compat "
-    "environment (`make test-compat` builds .venv-compat with pyspark 3.5, pyarrow 14.0.2, "
-    "numpy<2, pandas 2.2 and petastorm 0.12.1), or reader='pyarrow'"
-)
-
-
-def require_petastorm() -> Any:
-    """``petastorm.make_batch_reader``; ConfigError naming the compat environment when unusable."""
-    import pyarrow
-
-    problems = []
-    if int(pyarrow.__version__.split(".")[0]) >= 15:
-        problems.append(f"pyarrow {pyarrow.__version__}")
-    if int(np.__version__.split(".")[0]) >= 2:
-        problems.append(f"numpy {np.__version__}")
-    try:
-        from petastorm import make_batch_reader
-    except Exception as exc:  # ImportError, or pyarrow.filesystem gone (AttributeError & co.)
-        problems.insert(0, f"import petastorm failed: {type(exc).__name__}: {exc}")
-        make_batch_reader = None
-    # petastorm calls pyarrow's deprecated legacy-dataset APIs on every read: not the user's to fix.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\.|$)")
-    if problems:
-        raise ConfigError(
-            "reader='petastorm' must run where petastorm works, got "
-            f"{'; '.join(problems)}. {COMPAT_HINT}."
-        )
-    return make_batch_reader
 
 
 def _url(root: str, relpath: str) -> str:
