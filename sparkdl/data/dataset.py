@@ -165,14 +165,9 @@ class ShardedDataset:
         (:mod:`sparkdl.data.petastorm`, imported only then; needs the compat environment).
         """
         check_reader(reader)
-        # Loaders need torch, which this [any] module must not import: loaded when asked for.
-        if reader == "petastorm":
-            return importlib.import_module("sparkdl.data.petastorm").PetastormLoader(
-                self, rank, world_size, **kwargs
-            )
-        return importlib.import_module("sparkdl.data.loader").ShardLoader(
-            self, rank, world_size, **kwargs
-        )
+        # The loader needs torch, which this [any] module must not import: loaded when asked for.
+        loader = importlib.import_module("sparkdl.data.loader")
+        return loader.ShardLoader(self, rank, world_size, reader=reader, **kwargs)
 
     def open_file(self, entry: FileEntry, *, verify: bool = True) -> pq.ParquetFile:
         """Open ``entry`` (primary, then replicas), verifying its sha256 on first open.

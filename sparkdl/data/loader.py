@@ -1,7 +1,10 @@
-"""[worker] One rank's rows of a materialized dataset → shuffled torch batches, read with pyarrow.
+"""[worker] ShardLoader: one rank's rows of a materialized dataset → shuffled torch batches.
 
-Pure pyarrow + numpy + torch (never pyspark), so it runs in a Spark task, a local process or a
-unit test alike.
+Pure numpy + torch (never pyspark), so it runs in a Spark task, a local process or a unit test
+alike. Rows come from a row source (:mod:`sparkdl.data.sources`: pyarrow by default, or
+petastorm, chosen by ``reader``); the loader owns equal steps, the shuffle buffer, batches,
+resume and the prefetch thread (:mod:`sparkdl.data.prefetch`). What follows describes the
+pyarrow source; :mod:`sparkdl.data.petastorm` lists how the petastorm one differs.
 
 Row space: rank ``r`` of ``world_size`` reads the contiguous slice ``rank_slice(N, W, r)`` of
 the split's rows (see :mod:`sparkdl.data.dataset`).
@@ -12,6 +15,8 @@ surplus rows are dropped, and with ``shuffle=True`` which rows those are changes
 ``drop_last=False`` → ``ceil(ceil(N/W) / batch_size)`` batches with every row; the last batch
 may be short, and a rank whose slice is one row shorter repeats its first row once so that
 every rank yields the same batch sizes (all-reduce never waits on a rank that ran out).
+In general the counts come from the rows each rank's source reads (``rank_rows``): the fewest
+rows' whole batches, or with ``drop_last=False`` the most rows' batches.
 
 Shuffle (``shuffle=True``), seeded by ``(seed, epoch, rank)`` and independent of timing or
 prefetch depth: the rank's row-group pieces are visited in a permuted order, and rows are
@@ -33,14 +38,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from sparkdl.data.dataset import (
@@ -50,8 +51,9 @@ from sparkdl.data.dataset import (
     rank_slice,
     steps_for,
 )
-from sparkdl.data.manifest import FileEntry, Manifest
 from sparkdl.data.prefetch import prefetched
+from sparkdl.data.readers import source_class
+from sparkdl.data.sources import RowSource
 from sparkdl.errors import ConfigError, DataError
 
 __all__ = ["ShardedDataset", "ShardLoader", "rank_slice", "steps_for"]
@@ -63,31 +65,6 @@ _BUFFER_BYTES = 64 << 20
 _BUFFER_MAX_ROWS = 1 << 17
 
 
-@dataclass(frozen=True)
-class _Piece:
-    """Rows ``[lo, hi)`` of row group ``row_group`` of file ``file_index`` (in the split's files)."""
-
-    file_index: int
-    row_group: int
-    lo: int
-    hi: int
-
-
-def _plan_pieces(files: list[FileEntry], start: int, stop: int) -> list[_Piece]:
-    """The row-group pieces covering global rows ``[start, stop)``, in global order."""
-    pieces: list[_Piece] = []
-    offset = 0
-    for fi, f in enumerate(files):
-        for gi, n in enumerate(f.row_groups):
-            lo, hi = max(start, offset), min(stop, offset + n)
-            if lo < hi:
-                pieces.append(_Piece(fi, gi, lo - offset, hi - offset))
-            offset += n
-            if offset >= stop:
-                return pieces
-    return pieces
-
-
 class ShardLoader:
     """Iterable of one rank's batches for one epoch at a time; see the module docstring.
 
@@ -96,7 +73,9 @@ class ShardLoader:
     ``drop_last`` see module docstring; ``prefetch_batches`` depth of the background queue (0 =
     read in the caller's thread); ``device``/``pin_memory`` where batches go; ``shuffle_buffer_rows``
     bound of the row shuffle buffer (default: about 64 MiB of rows, at least 2 batches);
-    ``transform`` hook run in the loader thread; ``verify_checksums`` check sha256 on first open.
+    ``transform`` hook run in the loader thread; ``verify_checksums`` check sha256 on first open;
+    ``reader`` the row source's name (:mod:`sparkdl.data.readers`), and any other keyword
+    arguments its options (e.g. petastorm's ``workers_count``).
     """
 
     def __init__(
@@ -117,6 +96,8 @@ class ShardLoader:
         shuffle_buffer_rows: int | None = None,
         transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
         verify_checksums: bool = True,
+        reader: str = "pyarrow",
+        **reader_options: Any,
     ) -> None:
         _check_positive("world_size", world_size)
         _check_nonnegative("rank", rank)
@@ -133,24 +114,30 @@ class ShardLoader:
         if transform is not None and not callable(transform):
             raise ConfigError(f"transform must be callable, got {transform!r}. Pass a function.")
         m = dataset.manifest
-        self._dataset, self._manifest = dataset, m
+        self._manifest = m
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.shuffle, self.seed, self.split, self.drop_last = bool(shuffle), seed, split, drop_last
         self.prefetch_batches, self.transform = prefetch_batches, transform
         self.device = torch.device(device) if device is not None else None
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self.verify_checksums = verify_checksums
-        self._files = m.files_of(split)
+        m.shards_of(split)  # DataError for an unknown split
         total = m.splits[split]
-        self._start, self._stop = rank_slice(total, world_size, rank)
-        self._steps = steps_for(total, world_size, batch_size, drop_last)
-        max_rows = math.ceil(total / world_size)
-        self._budget = self._steps * batch_size if drop_last else max_rows
-        if not drop_last and self._stop == self._start and max_rows > 0:
+        start, stop = rank_slice(total, world_size, rank)
+        if not drop_last and stop == start and math.ceil(total / world_size) > 0:
             raise DataError(
                 f"split {split!r} must have at least world_size ({world_size}) rows for "
                 f"drop_last=False, got {total}. Use fewer workers or drop_last=True."
             )
+        self._source: RowSource = source_class(reader)(
+            dataset,
+            rank,
+            world_size,
+            split=split,
+            verify_checksums=verify_checksums,
+            **reader_options,
+        )
+        self._steps, self._budget = _equal_steps(self._source.rank_rows, batch_size, drop_last)
         default_rows = _BUFFER_BYTES // (4 * (m.feature_dim + 1))
         self.shuffle_buffer_rows = shuffle_buffer_rows or max(
             2 * batch_size, min(_BUFFER_MAX_ROWS, default_rows)
@@ -238,14 +225,11 @@ class ShardLoader:
 
     def _produce(self, epoch: int, skip: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch, self.rank])
-        pieces = _plan_pieces(self._files, self._start, self._stop)
-        if self.shuffle:
-            pieces = [pieces[i] for i in rng.permutation(len(pieces))]
         capacity = self.shuffle_buffer_rows if self.shuffle else self.batch_size
-        handles: dict[int, pq.ParquetFile] = {}
+        chunks = self._source.chunks(rng, self.shuffle)
         emitted = 0
         try:
-            for features, label in self._rounds(pieces, handles, rng, capacity):
+            for features, label in self._buffered(chunks, rng, capacity):
                 for i in range(0, len(label), self.batch_size):
                     if emitted >= self._steps:
                         return
@@ -255,22 +239,9 @@ class ShardLoader:
                             features[i : i + self.batch_size], label[i : i + self.batch_size]
                         )
         finally:
-            for pf in handles.values():
-                close = getattr(pf, "close", None)  # ParquetFile.close: pyarrow >= 8
-                if close is not None:
-                    close()
-
-    def _rounds(
-        self,
-        pieces: list[_Piece],
-        handles: dict[int, pq.ParquetFile],
-        rng: np.random.Generator,
-        capacity: int,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Buffers of rows (shuffled when asked) whose length is a multiple of the batch size,
-        except the last one, which also carries the drop_last=False padding."""
-        chunks = self._read_ahead(pieces, handles)
-        yield from self._buffered(chunks, rng, capacity)
+            close = getattr(chunks, "close", None)  # releases the source's files and threads
+            if close is not None:
+                close()
 
     def _buffered(
         self,
@@ -279,7 +250,8 @@ class ShardLoader:
         capacity: int,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Decoded chunks gathered into (shuffled) buffers of whole batches, then the rest padded
-        up to the budget (drop_last=False) by repeating the rank's first row."""
+        up to the budget (drop_last=False) by repeating the rank's first row: every buffer's
+        length is a multiple of the batch size except the last one's."""
         b = self.batch_size
         feats: list[np.ndarray] = []
         labels: list[np.ndarray] = []
@@ -307,22 +279,6 @@ class ShardLoader:
             F, Y = self._mix(feats, labels, rng)
             yield F[:left], Y[:left]
 
-    def _read_ahead(
-        self, pieces: list[_Piece], handles: dict[int, pq.ParquetFile]
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Decoded pieces in order; the next one is read in a helper thread (pyarrow and numpy
-        release the GIL) while the caller shuffles and batches the current one."""
-        if len(pieces) < 2:
-            yield from (self._read_piece(p, handles) for p in pieces)
-            return
-        with ThreadPoolExecutor(1, thread_name_prefix="sparkdl-read") as pool:
-            future = pool.submit(self._read_piece, pieces[0], handles)
-            for piece in pieces[1:]:
-                current = future.result()
-                future = pool.submit(self._read_piece, piece, handles)
-                yield current
-            yield future.result()
-
     def _mix(
         self, feats: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -332,22 +288,6 @@ class ShardLoader:
             perm = rng.permutation(len(Y))
             F, Y = np.take(F, perm, axis=0), np.take(Y, perm)  # take: ~2x faster than F[perm]
         return F, Y
-
-    def _read_piece(
-        self, piece: _Piece, handles: dict[int, pq.ParquetFile]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        pf = handles.get(piece.file_index)
-        if pf is None:
-            entry = self._files[piece.file_index]
-            pf = self._dataset.open_file(entry, verify=self.verify_checksums)
-            handles[piece.file_index] = pf
-        m = self._manifest
-        table = pf.read_row_groups(
-            [piece.row_group], columns=[*m.feature_cols, m.label_col], use_threads=True
-        )
-        if piece.lo or piece.hi < table.num_rows:
-            table = table.slice(piece.lo, piece.hi - piece.lo)
-        return decode_table(table, m)
 
     def _finish(self, features: np.ndarray, label: np.ndarray) -> Batch:
         f = torch.from_numpy(_writable(features))
@@ -386,49 +326,11 @@ def _writable(a: np.ndarray) -> np.ndarray:
     return a if a.flags.writeable else a.copy()
 
 
-def decode_table(table: pa.Table, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    """Column-wise Arrow → (float32 features ``[n, feature_dim]``, label ``[n]``), no per-row Python."""
-    n = table.num_rows
-    cols, shapes = manifest.feature_cols, manifest.feature_shapes
-    if len(cols) == 1:
-        features = _column_values(table, cols[0], n, shapes[0]).reshape(n, manifest.feature_dim)
-    else:
-        # Stack column-major (contiguous copies), then one blocked transpose: ~4x faster than
-        # writing each column into a row-major array with a stride.
-        blocks = []
-        for col, shape in zip(cols, shapes):
-            values = _column_values(table, col, n, shape)
-            blocks.append(values.reshape(1, n) if not shape else values.reshape(n, shape[0]).T)
-        features = np.ascontiguousarray(np.concatenate(blocks, axis=0).T)
-    label_dtype = np.int64 if manifest.label_type == "int64" else np.float32
-    label = _column_values(table, manifest.label_col, n, (), label_dtype)
-    return features, label
-
-
-def _column_values(
-    table: pa.Table, name: str, n: int, shape: tuple[int, ...], dtype: Any = np.float32
-) -> np.ndarray:
-    column = table.column(name)
-    chunks = column.chunks
-    if not chunks:
-        arr = pa.array([], type=column.type)
-    else:
-        arr = chunks[0] if len(chunks) == 1 else pa.concat_arrays(chunks)
-    if arr.null_count:
-        raise DataError(
-            f"column {name!r} must have no nulls, got {arr.null_count}. Re-materialize the data."
-        )
-    if (
-        pa.types.is_list(arr.type)
-        or pa.types.is_large_list(arr.type)
-        or pa.types.is_fixed_size_list(arr.type)
-    ):
-        arr = arr.flatten()
-    values = arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    width = shape[0] if shape else 1
-    if values.size != n * width:
-        raise DataError(
-            f"column {name!r} must hold {width} value(s) per row, got {values.size} values for "
-            f"{n} rows. Re-materialize the dataset with mode='overwrite'."
-        )
-    return values
+def _equal_steps(rank_rows: Sequence[int], batch_size: int, drop_last: bool) -> tuple[int, int]:
+    """(batches, rows) every rank yields per epoch, from the rows each rank reads: the fewest
+    rows' whole batches (drop_last), else the most rows' batches, shorter ranks padded."""
+    if drop_last:
+        steps = min(rank_rows) // batch_size
+        return steps, steps * batch_size
+    budget = max(rank_rows)
+    return -(-budget // batch_size), budget

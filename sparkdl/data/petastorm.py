@@ -1,16 +1,15 @@
-"""[worker] ``reader="petastorm"``: a rank's shard files read through ``petastorm.make_batch_reader``.
+"""[worker] ``reader="petastorm"``: PetastormSource, a rank's shard files read through petastorm.
 
-An optional backend behind ``ShardedDataset.loader(..., reader="petastorm")`` (and
-``TorchEstimator(reader="petastorm")``); this module is imported only when it is asked for, and
-petastorm only when a loader is built. petastorm (0.12.x/0.13.x) imports ``pyarrow.filesystem``
-(removed in pyarrow 16), its reads fail on pyarrow 15, and it uses numpy < 2 APIs: it runs in
-the compat environment (``make test-compat`` builds ``.venv-compat``: pyspark 3.5, pyarrow
-14.0.2, numpy < 2, pandas 2.2, petastorm 0.12.1). Elsewhere building a loader raises
-ConfigError naming that environment.
+A :class:`~sparkdl.data.sources.RowSource` behind ``ShardedDataset.loader(..., reader="petastorm")``
+(and ``TorchEstimator(reader="petastorm")``), reading with ``petastorm.make_batch_reader``; this
+module is imported only when it is asked for (:mod:`sparkdl.data.readers`), and petastorm only
+when a loader is built. petastorm needs the compat environment (see :mod:`sparkdl.data.readers`);
+elsewhere building a loader raises ConfigError naming that environment.
 
-The loader keeps :class:`~sparkdl.data.loader.ShardLoader`'s contract (``len``, ``set_epoch``,
-``state_dict``/``load_state_dict``, ``transform``, ``device``, equal batch counts per rank)
-with these differences, all consequences of petastorm reading whole row groups of whole files:
+A loader over this source keeps :class:`~sparkdl.data.loader.ShardLoader`'s contract (``len``,
+``set_epoch``, ``state_dict``/``load_state_dict``, ``transform``, ``device``, equal batch counts
+per rank) with these differences, all consequences of petastorm reading whole row groups of
+whole files:
 
 * **Rank assignment**: rank ``r`` reads the whole files whose first row falls in its slice
   ``rank_slice(N, W, r)``: exactly shard ``r`` when ``num_shards == world_size`` (what
@@ -36,17 +35,21 @@ import bisect
 import dataclasses
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sparkdl import storage
-from sparkdl.data.loader import Batch, ShardedDataset, ShardLoader, rank_slice
+from sparkdl.data.dataset import ShardedDataset, rank_slice
 from sparkdl.data.manifest import FileEntry
 from sparkdl.data.readers import COMPAT_HINT, require_petastorm
+from sparkdl.data.sources import Chunk
 from sparkdl.errors import ConfigError, DataError
 
-__all__ = ["COMPAT_HINT", "PetastormLoader", "file_urls", "require_petastorm"]
+if TYPE_CHECKING:
+    from sparkdl.data.loader import ShardLoader
+
+__all__ = ["COMPAT_HINT", "PetastormLoader", "PetastormSource", "file_urls", "require_petastorm"]
 
 
 def _url(root: str, relpath: str) -> str:
@@ -74,12 +77,12 @@ def _rank_files(files: list[FileEntry], total: int, world_size: int) -> list[lis
     return owned
 
 
-class PetastormLoader(ShardLoader):
-    """A :class:`ShardLoader` whose rows come from ``petastorm.make_batch_reader``.
+class PetastormSource:
+    """``reader="petastorm"``: the rank's whole files, read with ``petastorm.make_batch_reader``.
 
-    Takes ShardLoader's keyword arguments plus ``workers_count`` (petastorm reader threads; 1
-    keeps epochs reproducible) and ``results_queue_size`` (row groups petastorm reads ahead).
-    See the module docstring for how it differs from the pyarrow reader.
+    Takes ``workers_count`` (petastorm reader threads; 1 keeps epochs reproducible) and
+    ``results_queue_size`` (row groups petastorm reads ahead) as reader options. See the module
+    docstring for how it differs from the pyarrow reader.
     """
 
     def __init__(
@@ -88,36 +91,31 @@ class PetastormLoader(ShardLoader):
         rank: int,
         world_size: int,
         *,
+        split: str = "train",
+        verify_checksums: bool = True,
         workers_count: int = 1,
         results_queue_size: int = 4,
-        **kwargs: Any,
     ) -> None:
         self._make_batch_reader = require_petastorm()
-        super().__init__(dataset, rank, world_size, **kwargs)
         for name, value in (
             ("workers_count", workers_count),
             ("results_queue_size", results_queue_size),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}. Pass e.g. 1.")
+        self._dataset, self._manifest = dataset, dataset.manifest
+        self.verify_checksums = verify_checksums
         self.workers_count, self.results_queue_size = workers_count, results_queue_size
-        total = self._manifest.splits[self.split]
-        owned = _rank_files(self._files, total, world_size)
+        files = self._manifest.files_of(split)
+        owned = _rank_files(files, self._manifest.splits[split], world_size)
         if any(not files for files in owned):
             raise ConfigError(
-                f"split {self.split!r} must have at least world_size ({world_size}) non-empty "
-                f"files for reader='petastorm', got {sum(1 for f in self._files if f.rows)}. "
+                f"split {split!r} must have at least world_size ({world_size}) non-empty "
+                f"files for reader='petastorm', got {sum(1 for f in files if f.rows)}. "
                 "Materialize with num_shards a multiple of world_size, or use reader='pyarrow'."
             )
-        rows = [sum(f.rows for f in files) for files in owned]
-        self._owned, self._rows = owned[rank], rows[rank]
-        b = self.batch_size
-        if self.drop_last:
-            self._steps = min(rows) // b
-            self._budget = self._steps * b
-        else:
-            self._budget = max(rows)
-            self._steps = -(-self._budget // b)
+        self.rank_rows = [sum(f.rows for f in files) for files in owned]
+        self._owned = owned[rank]
         self._urls: list[str] | None = None
 
     def _resolve_urls(self) -> list[str]:
@@ -144,8 +142,8 @@ class PetastormLoader(ShardLoader):
             f"failure on every replica: {' | '.join(failures)}"
         )
 
-    def _produce(self, epoch: int, skip: int) -> Iterator[Batch]:
-        rng = np.random.default_rng([self.seed, epoch, self.rank])
+    def chunks(self, rng: np.random.Generator, shuffle: bool) -> Iterator[Chunk]:
+        """Decoded row groups in petastorm's order (its row-group shuffle seeded from ``rng``)."""
         reader_seed = int(rng.integers(1 << 31))
         m = self._manifest
         columns = [*dict.fromkeys([*m.feature_cols, m.label_col])]
@@ -156,34 +154,18 @@ class PetastormLoader(ShardLoader):
             workers_count=self.workers_count,
             results_queue_size=self.results_queue_size,
             seed=reader_seed,
-            shuffle_row_groups=self.shuffle,
+            shuffle_row_groups=shuffle,
             shuffle_rows=False,
             num_epochs=1,
         )
-        emitted = 0
         try:
-            for features, label in self._buffers(reader, rng):
-                for i in range(0, len(label), self.batch_size):
-                    if emitted >= self._steps:
-                        return
-                    emitted += 1
-                    if emitted > skip:
-                        j = i + self.batch_size
-                        yield self._finish(features[i:j], label[i:j])
+            for chunk in reader:
+                yield self._decode(chunk._asdict())
         finally:
             reader.stop()
             reader.join()
 
-    def _buffers(
-        self, reader: Any, rng: np.random.Generator
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Decoded row groups gathered into (shuffled) buffers of whole batches (the pyarrow
-        reader's buffering, :meth:`ShardLoader._buffered`)."""
-        capacity = self.shuffle_buffer_rows if self.shuffle else self.batch_size
-        chunks = (self._decode(chunk._asdict()) for chunk in reader)
-        yield from self._buffered(chunks, rng, capacity)
-
-    def _decode(self, columns: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    def _decode(self, columns: dict[str, Any]) -> Chunk:
         """petastorm's column arrays (``[n]`` scalars, ``[n, k]`` arrays) → features, label."""
         m = self._manifest
         label = np.asarray(columns[m.label_col])
@@ -197,3 +179,10 @@ class PetastormLoader(ShardLoader):
             )
         dtype = np.int64 if m.label_type == "int64" else np.float32
         return np.ascontiguousarray(features), label.astype(dtype, copy=False)
+
+
+def PetastormLoader(  # the name of this reader's loader before sources: kept for callers
+    dataset: ShardedDataset, rank: int, world_size: int, **kwargs: Any
+) -> ShardLoader:
+    """``dataset.loader(rank, world_size, reader="petastorm", **kwargs)``."""
+    return dataset.loader(rank, world_size, reader="petastorm", **kwargs)
