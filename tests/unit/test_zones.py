@@ -12,7 +12,15 @@ import pytest
 pytestmark = pytest.mark.timeout(60)
 
 PACKAGE = Path(__file__).resolve().parents[2] / "sparkdl"
-ZONES = {"[any]", "[driver]", "[task]", "[worker]", "[driver/executor]", "[driver+worker]"}
+ZONES = {
+    "[any]",
+    "[driver]",
+    "[task]",
+    "[worker]",
+    "[executor]",
+    "[driver/executor]",
+    "[driver+worker]",
+}
 # testing.py sets up Spark's process environment for local sessions (tests, notebooks, demo).
 ENV_WRITERS = {"launch/rendezvous.py", "testing.py"}
 
@@ -116,6 +124,15 @@ def test_zone_rules(rel):
             assert target in (None, "[worker]", "[any]", "[driver+worker]"), (
                 f"{rel} ({zone}) imports {name} ({target})"
             )
+    if zone == "[executor]":  # a Spark job's executor-side body: no torch, no driver code
+        assert not any(i == "torch" or i.startswith("torch.") for i in imports), (
+            f"{rel} imports torch"
+        )
+        for name in imports:
+            target = ZONE_OF.get(name)
+            assert target in (None, "[any]", "[executor]"), (
+                f"{rel} ({zone}) imports {name} ({target})"
+            )
     if zone in ("[driver]", "[driver+worker]"):
         assert not any(i.startswith("torch.distributed") for i in imports), (
             f"{rel} imports torch.distributed"
@@ -161,6 +178,16 @@ def test_worker_modules_load_without_pyspark():
     code = (
         "import sys; import sparkdl.train.worker, sparkdl.data.loader, sparkdl.sync;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'pyspark');"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_executor_modules_load_without_torch_or_pyspark():
+    executor = [_module_name(rel) for rel in ALL if ZONE_OF[_module_name(rel)] == "[executor]"]
+    code = (
+        f"import sys; import {', '.join(executor)};"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pyspark'));"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
