@@ -295,6 +295,29 @@ def test_loader_module_does_not_import_pyspark():
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=60).returncode == 0
 
 
+def test_dataset_handle_and_reader_names_load_without_torch():
+    code = (
+        "import sys, sparkdl.config, sparkdl.data, sparkdl.data.dataset, sparkdl.data.readers;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pyspark'));"
+        "assert not bad, bad"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], env=env, timeout=60, check=True)
+
+
+@pytest.mark.parametrize("first", ["sparkdl.data.materialize", "sparkdl.data", "sparkdl"])
+def test_materialize_is_the_function_whichever_import_comes_first(first):
+    code = (
+        f"import inspect, {first}, sparkdl, sparkdl.data;"
+        "from sparkdl.data import materialize;"
+        "from sparkdl.data.materialize import check_on_invalid;"
+        "assert inspect.isfunction(materialize), materialize;"
+        "assert sparkdl.data.materialize is materialize is sparkdl.materialize"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], env=env, timeout=60, check=True)
+
+
 def test_fewer_row_groups_than_ranks_still_feeds_every_rank(tmp_path):
     ds = _make(tmp_path, [10], row_group_rows=10)  # one row group, five ranks
     assert ds.manifest.files_of("train")[0].row_groups == (10,)
