@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sparkdl import storage
+from sparkdl._checks import expect_int
 from sparkdl.data.manifest import FileEntry, Manifest
 from sparkdl.data.readers import check_reader
 from sparkdl.errors import ConfigError, DataError
@@ -216,10 +217,8 @@ class _Mismatch(Exception):
 
 
 def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}. Pass a positive int.")
+    expect_int(name, value, "Pass a positive int")
 
 
 def _check_nonnegative(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}. Pass 0 or more.")
+    expect_int(name, value, "Pass 0 or more", low=0)

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sparkdl import storage
-from sparkdl.errors import ConfigError, DataError
+from sparkdl._checks import expect_int
+from sparkdl.errors import DataError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -393,12 +394,8 @@ def describe_parquet(
     """
     import pyarrow.fs as pafs
 
-    if num_shards is not None and (
-        isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1
-    ):
-        raise ConfigError(
-            f"num_shards must be an integer >= 1 or None, got {num_shards!r}. Pass e.g. 2."
-        )
+    if num_shards is not None:
+        expect_int("num_shards", num_shards, "Pass e.g. 2, or None for one shard per file")
     fs, root = storage.resolve(path)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     rels = sorted(

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sparkdl import storage
+from sparkdl._checks import expect_int
 from sparkdl.data.dataset import ShardedDataset, rank_slice
 from sparkdl.data.manifest import FileEntry
 from sparkdl.data.readers import COMPAT_HINT, require_petastorm
@@ -101,8 +102,7 @@ class PetastormSource:
             ("workers_count", workers_count),
             ("results_queue_size", results_queue_size),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}. Pass e.g. 1.")
+            expect_int(name, value, "Pass e.g. 1")
         self._dataset, self._manifest = dataset, dataset.manifest
         self.verify_checksums = verify_checksums
         self.workers_count, self.results_queue_size = workers_count, results_queue_size
