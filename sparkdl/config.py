@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from sparkdl._checks import expect_choice, expect_int, fail
+from sparkdl._checks import expect_bool, expect_choice, expect_int, expect_number, fail
 from sparkdl.data.readers import READERS, require_petastorm
 from sparkdl.errors import ConfigError
 
@@ -205,8 +205,23 @@ class AllReduceOptions:
     """PowerSGD matrix approximation rank (≥ 1): bytes grow with it, and so does accuracy."""
     powersgd_warmup_steps: int = 10
     """Steps of plain fp32 all-reduce before PowerSGD starts (≥ 2: error feedback needs them)."""
+    find_unused_parameters: bool = False
+    """DDP's option: allow parameters that ``forward`` does not use in a step (an unused head,
+    a branch taken by some inputs); costs a graph traversal per step."""
+    static_graph: bool = False
+    """DDP's option: the set of used parameters is the same every step (lets DDP skip the
+    traversal and supports unused parameters and activation checkpointing)."""
+    gradient_as_bucket_view: bool = False
+    """DDP's option: gradients are views into the all-reduce buckets (saves one gradient copy
+    of memory; ``param.grad`` must not be replaced then)."""
+    bucket_cap_mb: float | None = None
+    """DDP's option: bucket size in MiB (None: DDP's default, 25)."""
 
     def __post_init__(self) -> None:
+        for name in ("find_unused_parameters", "static_graph", "gradient_as_bucket_view"):
+            expect_bool(name, getattr(self, name))
+        if self.bucket_cap_mb is not None:
+            expect_number("bucket_cap_mb", self.bucket_cap_mb, "Use e.g. 25", above=0)
         if self.compression is not None and self.compression not in COMPRESSIONS:
             raise fail(
                 "compression",

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sparkdl.channel.client import gather as channel_gather
-from sparkdl.errors import RankFailure, RendezvousError, is_peer_loss
+from sparkdl.errors import ConfigError, RankFailure, RendezvousError, is_peer_loss
 
 if TYPE_CHECKING:
     from sparkdl.context import WorkerEnv
@@ -233,6 +233,27 @@ def torch_env_vars(env: WorkerEnv) -> Iterator[None]:
                 os.environ[key] = old
 
 
+def unpickle_payload(cloudpickle: Any, payload: bytes) -> Any:
+    """The launched function and its arguments; ConfigError when they cannot be unpickled here.
+
+    That failure is deterministic (a module the executors cannot import, such as a helper file
+    beside a notebook, or a package version that differs from the driver's), so it is a
+    ConfigError, which the driver raises at once instead of restarting the group.
+    """
+    try:
+        return cloudpickle.loads(payload)
+    except Exception as exc:
+        missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+        what = f"the module {missing!r}" if missing else "what the function needs"
+        raise ConfigError(
+            f"the launched function and its arguments must unpickle on the executors, got "
+            f"{type(exc).__name__}: {exc}. The executors cannot load {what}: ship the module "
+            "with spark.sparkContext.addPyFile(path) (or --py-files), or pickle it by value "
+            "with cloudpickle.register_pickle_by_value(module) before fit/run, or install it "
+            "(at the driver's version) on the executors"
+        ) from exc
+
+
 def run_rank(
     rank: int,
     make_env: Callable[[], WorkerEnv],
@@ -250,7 +271,7 @@ def run_rank(
         from sparkdl.context import worker_group
 
         env = make_env()
-        fn, args, kwargs = cloudpickle.loads(payload)
+        fn, args, kwargs = unpickle_payload(cloudpickle, payload)
         with torch_env_vars(env), worker_group(env):
             if on_joined is not None:
                 on_joined()

@@ -39,6 +39,7 @@ from sparkdl.data.materialize import check_on_invalid
 from sparkdl.errors import ConfigError, DataError
 from sparkdl.launch.launcher import job_description, spark_job_phase
 from sparkdl.launch.progress import RunMonitor
+from sparkdl.ml.columns import quote_column
 from sparkdl.ml.model import OUTPUT_PARAMS, TorchModel, check_output_params
 from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_dict, as_list, with_params
 from sparkdl.ml.persistence import ParamsPersistence
@@ -177,6 +178,22 @@ class TorchEstimator(
     sync = property(lambda self: self._configs().sync)
     checkpoint = property(lambda self: self._configs().checkpoint)
 
+    def copy(self, extra: dict | None = None) -> TorchEstimator:
+        """A copy with ``extra`` (a param map) applied, as Spark ML's ``fit(df, params)``,
+        ``fitMultiple``, ``TrainValidationSplit`` and ``CrossValidator`` make one per fit.
+
+        When ``extra`` sets any of this estimator's params but not ``run_dir``, the copy's
+        ``run_dir`` is a new subdirectory of this one named for those values
+        (``<run_dir>/fit-learning_rate=0.001-<random>``): every fit keeps its own artifacts (a
+        cross-validation fold and the refit of the best point too) and its TorchModel
+        describes the run that produced it; ``overwrite`` never reaches a sibling's run.
+        """
+        that: TorchEstimator = super().copy(extra)
+        own = {p.name: v for p, v in (extra or {}).items() if p.parent == self.uid}
+        if own and "run_dir" not in own:
+            that._assign({"run_dir": storage.join(self.get("run_dir"), fit_dir_name(own))})
+        return that
+
     def _distributor(self, spark: SparkSession) -> Any:
         from sparkdl.launch import Distributor
 
@@ -234,6 +251,29 @@ class TorchEstimator(
                 "Set validation_fraction or validation_col (or materialize with one)"
             )
 
+    def _check_labels(self, data: DataFrame | ShardedDataset) -> None:
+        """Class-index losses need whole, non-negative labels: refuse others before launch.
+
+        A double label column (what ``StringIndexer`` makes) with whole values trains as int64
+        class indices; a fractional or negative value is a DataError naming the column and an
+        example, found with one small Spark job (or, for a ShardedDataset, a pyarrow scan of its
+        label column).
+        """
+        if not is_classification(self._configs().optim):
+            return
+        label = self.get("label_col")
+        loss = self.get("loss")
+        if isinstance(data, ShardedDataset):
+            bad = _bad_class_label_in_dataset(data)
+        else:
+            bad = _bad_class_label_in_frame(data, label)
+        if bad is not None:
+            raise DataError(
+                f"label column {label!r} must hold class indices (whole numbers ≥ 0) for "
+                f"loss={loss!r}, got the value {bad!r}. Index the classes first (e.g. "
+                "pyspark.ml.feature.StringIndexer), or use a regression loss such as 'mse'"
+            )
+
     def _fit(self, dataset: DataFrame | ShardedDataset) -> TorchModel:
         """Train on ``dataset`` (a DataFrame, or a ShardedDataset already materialized)."""
         from pyspark.sql import SparkSession
@@ -245,6 +285,7 @@ class TorchEstimator(
         self._validate()  # fit(df, params) fits a copy whose extra params were not checked
         configs = self._configs()
         self._check_validation(data)
+        self._check_labels(data)
         spark = (
             SparkSession.getActiveSession()
             if isinstance(data, ShardedDataset)
@@ -352,3 +393,52 @@ class TorchEstimator(
             },
             architecture,
         )
+
+
+def _bad_class_label_in_frame(df: DataFrame, label: str) -> Any:
+    """A label value of ``df`` that is no class index (fractional, negative, NaN), or None."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    column = F.col(quote_column(label))
+    kind = df.schema[label].dataType
+    if isinstance(kind, T.IntegralType):
+        bad = column < 0
+    elif isinstance(kind, T.FractionalType):
+        bad = F.isnan(column) | (column < 0) | (column != F.floor(column))
+    else:
+        return None  # not numeric: materialize refuses it with its own message
+    row = df.filter(bad).select(column).limit(1).collect()
+    return row[0][0] if row else None
+
+
+def _bad_class_label_in_dataset(dataset: ShardedDataset) -> Any:
+    """A label value of the dataset's train split that is no class index, or None."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    manifest = dataset.manifest
+    fs, root = storage.resolve(dataset.path)
+    for entry in manifest.files_of("train"):
+        values = pq.read_table(
+            storage.join(root, entry.path), columns=[manifest.label_col], filesystem=fs
+        ).column(0)
+        array = values.to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = np.isnan(array) | (array < 0) | (array != np.floor(array))
+        if bad.any():
+            return float(array[bad][0])
+    return None
+
+
+def fit_dir_name(params: dict[str, Any]) -> str:
+    """A new subdirectory name for one fit with ``params`` (a tuning grid point): the values that
+    read well, then a random suffix, since a tuner fits the same point again (cross-validation
+    folds, the refit of the best point) and every fit keeps its own run."""
+    import re
+    import uuid
+
+    items = sorted(params.items())
+    shown = "_".join(f"{k}={v}" for k, v in items if isinstance(v, (int, float, str, bool)))
+    shown = re.sub(r"[^A-Za-z0-9._=+-]+", "-", shown)[:80].strip("-_")
+    suffix = uuid.uuid4().hex[:8]
+    return f"fit-{shown}-{suffix}" if shown else f"fit-{suffix}"

@@ -27,6 +27,8 @@ import pyarrow as pa
 import torch
 
 from sparkdl.errors import ConfigError, DataError
+from sparkdl.ml.columns import quote_column
+from sparkdl.train.components import prediction_of
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -44,7 +46,6 @@ USE_ARROW_UDF: bool | None = None
 """None: the iterator ``arrow_udf`` where pyspark has it (≥ 4.1), else ``mapInArrow``."""
 _CACHE: OrderedDict[tuple[str, str], Any] = OrderedDict()
 _CACHE_SIZE = 4  # models per Python worker (a pipeline may hold several)
-_OUT = "__sparkdl_prediction__"
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,8 @@ class _Predictor:
         with torch.inference_mode():
             for start in range(0, n, plan.batch_size):
                 chunk = torch.from_numpy(features[start : start + plan.batch_size])
-                out = self.module(chunk.to(self.device, non_blocking=True)).float()
+                out = prediction_of(self.module(chunk.to(self.device, non_blocking=True)))
+                out = out.float()
                 stop = start + len(chunk)
                 if not plan.classification:
                     predictions[start:stop] = out.reshape(len(chunk), -1)[:, 0].cpu().numpy()
@@ -246,6 +248,13 @@ def _input_columns(df: DataFrame, feature_cols: Sequence[str], expected_dim: int
     from pyspark.sql import types as T
 
     fields = {f.name: f.dataType for f in df.schema.fields}
+    for name in feature_cols:
+        if df.columns.count(name) > 1:
+            raise DataError(
+                f"feature column {name!r} must appear once in the DataFrame, got "
+                f"{df.columns.count(name)} columns of that name (after a join?). Rename or drop "
+                "the extra ones; columns the model does not read may repeat"
+            )
     missing = [c for c in feature_cols if c not in fields]
     if missing:
         raise DataError(
@@ -255,7 +264,7 @@ def _input_columns(df: DataFrame, feature_cols: Sequence[str], expected_dim: int
         )
     exprs, scalars = [], 0
     for name in feature_cols:
-        dtype, col = fields[name], F.col("`" + name.replace("`", "``") + "`")
+        dtype, col = fields[name], F.col(quote_column(name))
         if isinstance(dtype, T.NumericType):
             exprs.append(col.cast("float"))
             scalars += 1
@@ -293,19 +302,30 @@ def _with_arrow_udf(df: DataFrame, exprs: list[Column], plan: _Plan, outputs: li
     if len(outputs) == 1:
         udf = _arrow_udf(_udf_body(plan, prediction, ""), "double")
         return df.withColumn(prediction, udf(*exprs))
-    kind = f"struct<`{prediction}`: double, `{outputs[1]}`: array<float>>"
+    kind = f"struct<{quote_column(prediction)}: double, {quote_column(outputs[1])}: array<float>>"
     udf = _arrow_udf(_udf_body(plan, prediction, outputs[1]), kind)
-    scored = df.withColumn(_OUT, udf(*exprs))
-    return scored.select(
-        *[F.col(f"`{c}`") for c in df.columns],
-        *[F.col(_OUT).getField(name).alias(name) for name in outputs],
-    )
+    # Appended by withColumn and dropped by name: every other column stays as it is, whatever
+    # its name (duplicates after a join, dots, spaces), and is never resolved.
+    out = _unused_name(df.columns, "__sparkdl_prediction__")
+    scored = df.withColumn(out, udf(*exprs))
+    for name in outputs:
+        scored = scored.withColumn(name, F.col(quote_column(out)).getField(name))
+    return scored.drop(out)
+
+
+def _unused_name(columns: Sequence[str], base: str) -> str:
+    """``base``, or ``base`` with a numeric suffix, that no column of the DataFrame has."""
+    name, n = base, 0
+    while name in columns:
+        n += 1
+        name = f"{base}{n}"
+    return name
 
 
 def _with_map_in_arrow(df: DataFrame, exprs: list[Column], plan: _Plan, outputs: list[str]):
     from pyspark.sql.types import ArrayType, DoubleType, FloatType, StructField, StructType
 
-    inputs = [f"__sparkdl_in_{i}__" for i in range(len(exprs))]
+    inputs = [_unused_name(df.columns, f"__sparkdl_in_{i}__") for i in range(len(exprs))]
     prepared = df.select("*", *[e.alias(name) for e, name in zip(exprs, inputs)])
     fields = list(df.schema.fields) + [StructField(outputs[0], DoubleType(), False)]
     if len(outputs) > 1:

@@ -42,6 +42,7 @@ import torch
 from sparkdl import storage
 from sparkdl.errors import CheckpointError
 from sparkdl.rundir.layout import RunLayout
+from sparkdl.rundir.model_dir import check_weights_only
 
 __all__ = [
     "FORMAT",
@@ -190,6 +191,7 @@ def write_checkpoint(
     """
     final = RunLayout(run_dir).checkpoint_dir(step)
     buffer = io.BytesIO()
+    check_weights_only(state, "checkpoint state")
     torch.save({**state, "format": FORMAT}, buffer)
     data = buffer.getvalue()
     marker = {

@@ -34,6 +34,8 @@ __all__ = [
     "save_weights",
     "save_state_dict",
     "state_bytes",
+    "cpu_state",
+    "check_weights_only",
     "weights_bytes",
     "model_meta",
     "write_model_json",
@@ -48,11 +50,63 @@ META_FILE = "model.json"
 ARCH_FILE = "architecture.pkl"
 
 
-def state_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
-    """A state dict (as CPU tensors) as ``torch.save`` bytes."""
+def cpu_state(value: Any) -> Any:
+    """A copy of a state dict (or any nesting of dicts, lists and tuples) with every tensor
+    detached and on the CPU; everything else passes through untouched (a module's
+    ``get_extra_state()`` may hold plain dicts, strings, numbers)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, Mapping):
+        return {k: cpu_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_state(v) for v in value)
+    return value
+
+
+def state_bytes(state: Mapping[str, Any]) -> bytes:
+    """A state dict as ``torch.save`` bytes: tensors on the CPU, non-tensor entries as they are.
+
+    Raises CheckpointError (see :func:`check_weights_only`) for an entry that
+    ``torch.load(weights_only=True)`` could not read back.
+    """
+    state = cpu_state(state)
+    check_weights_only(state)
     buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
+    torch.save(state, buffer)
     return buffer.getvalue()
+
+
+def check_weights_only(state: Any, where: str = "state dict") -> None:
+    """CheckpointError naming the first entry of ``state`` (nested dicts and lists included) that
+    is neither a tensor nor a plain Python value, i.e. what ``torch.load(weights_only=True)``
+    refuses (and what often cannot be pickled at all)."""
+    bad = _first_unsafe(state, "")
+    if bad is not None:
+        path, value = bad
+        raise CheckpointError(
+            f"{where} entry {path!r} must be tensors or plain Python values (dict, list, str, "
+            f"numbers, None) to be saved and loaded weights_only, got {type(value).__name__}. "
+            "Return plain values from get_extra_state() / state_dict()"
+        )
+
+
+def _first_unsafe(value: Any, path: str) -> tuple[str, Any] | None:
+    plain = (torch.Tensor, str, bytes, bool, int, float, torch.dtype, torch.device, torch.Size)
+    if value is None or isinstance(value, plain):
+        return None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            found = _first_unsafe(item, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _first_unsafe(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None
+    return path, value
 
 
 def weights_bytes(module: nn.Module) -> bytes:

@@ -39,7 +39,15 @@ class AllReduceStrategy(SyncStrategy):
         self._module = self._wrapped = module
         if not self.env.distributed:
             return module
-        wrapped = ddp(module, self.env.device)
+        options = self.options
+        wrapped = ddp(
+            module,
+            self.env.device,
+            find_unused_parameters=options.find_unused_parameters,
+            static_graph=options.static_graph,
+            gradient_as_bucket_view=options.gradient_as_bucket_view,
+            **({} if options.bucket_cap_mb is None else {"bucket_cap_mb": options.bucket_cap_mb}),
+        )
         state, hook = counting_hook(self, self.options.compression)
         wrapped.register_comm_hook(state, hook)
         self._wrapped = wrapped

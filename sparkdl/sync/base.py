@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from sparkdl.context import WorkerEnv
+from sparkdl.rundir.model_dir import cpu_state
 
 __all__ = ["SyncStrategy", "OptimizerFactory", "wire_bytes", "CHECKPOINT_FILE"]
 
@@ -98,7 +99,7 @@ class SyncStrategy:
         assert self._module is not None, "wrap() first"
         return self._module
 
-    def final_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def final_state_dict(self) -> dict[str, Any] | None:
         """(all ranks) The model of record as a plain CPU state dict on the chief, None elsewhere.
 
         It loads into the unwrapped module with ``load_state_dict``.
@@ -106,7 +107,7 @@ class SyncStrategy:
         self.synchronize()
         if not self.env.is_chief:
             return None
-        return {k: v.detach().cpu() for k, v in self.module_to_save().state_dict().items()}
+        return cpu_state(self.module_to_save().state_dict())
 
     def save_checkpoint(self, path: str, optimizer: torch.optim.Optimizer) -> None:
         """(all ranks) Write model and optimizer state into the directory ``path``.

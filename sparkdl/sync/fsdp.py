@@ -23,6 +23,7 @@ import torch.nn as nn
 from sparkdl import storage
 from sparkdl.config import FSDPOptions
 from sparkdl.errors import ConfigError
+from sparkdl.rundir.model_dir import cpu_state
 from sparkdl.sync.base import SyncStrategy
 
 __all__ = ["FSDPStrategy"]
@@ -86,7 +87,7 @@ class FSDPStrategy(SyncStrategy):
         self._module = self._wrapped = module
         return module
 
-    def final_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def final_state_dict(self) -> dict[str, Any] | None:
         """(all ranks) Gather the full parameters; the chief gets them as plain CPU tensors."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -94,11 +95,15 @@ class FSDPStrategy(SyncStrategy):
             self.module_to_save(),
             options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
-        return (
-            {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-            if self.env.is_chief
-            else None
-        )
+        if not self.env.is_chief:
+            return None
+        # get_model_state_dict leaves non-tensor entries (get_extra_state) out: add them back.
+        extra = {
+            k: v
+            for k, v in self.module_to_save().state_dict().items()
+            if not isinstance(v, torch.Tensor)
+        }
+        return cpu_state({**state, **extra}) if extra else state
 
     def save_checkpoint(self, path: str, optimizer: torch.optim.Optimizer) -> None:
         """(all ranks) A sharded checkpoint: each rank writes its own shards into ``path``."""

@@ -33,6 +33,7 @@ from sparkdl.rundir.checkpoints import (
     write_checkpoint,
 )
 from sparkdl.rundir.layout import RunLayout
+from sparkdl.rundir.model_dir import cpu_state
 from sparkdl.train.collectives import broadcast_int, gather_bytes
 
 __all__ = ["SHARDED_DIR", "Checkpointer", "rng_snapshot", "restore_rng"]
@@ -135,7 +136,8 @@ class Checkpointer:
         if not self.env.is_chief:
             return
         state: dict[str, Any] = {
-            name: (None if obj is None else _cpu(obj.state_dict())) for name, obj in modules.items()
+            name: (None if obj is None else cpu_state(obj.state_dict()))
+            for name, obj in modules.items()
         }
         state["rng"] = [r.decode() for r in rngs]
         meta = {
@@ -210,14 +212,3 @@ class Checkpointer:
             restore_rng(rngs[self.env.rank].encode(), self.env.device)
         else:
             torch.manual_seed(seed * 1_000_003 + loaded.info.step * 1_009 + self.env.rank)
-
-
-def _cpu(value: Any) -> Any:
-    """A state dict with every tensor on the CPU (so a GPU run's checkpoint loads anywhere)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cpu(v) for v in value)
-    return value

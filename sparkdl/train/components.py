@@ -1,16 +1,33 @@
-"""[worker] Named losses and optimizers, resolved on the worker from their config values."""
+"""[worker] Named losses and optimizers, resolved on the worker from their config values.
+
+What a model may return, and which part of it is the prediction (:func:`prediction_of`): a
+tensor is the prediction; a tuple or list → its first element; a dict (or any mapping) → the
+value under ``"prediction"``, else ``"logits"``, else its first value; an object with a
+``logits`` attribute (a Hugging Face ``ModelOutput``) → that; another dataclass → its first
+field. A callable ``loss`` receives the output untouched; named losses, the built-in metrics,
+validation, early stopping and ``TorchModel.transform`` use the prediction.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from sparkdl.config import OptimConfig
+from sparkdl.errors import ConfigError
 
-__all__ = ["build_loss", "build_optimizer", "is_classification", "metric_name", "metric_sum"]
+__all__ = [
+    "build_loss",
+    "build_optimizer",
+    "is_classification",
+    "metric_name",
+    "metric_sum",
+    "prediction_of",
+]
 
 _LOSSES: dict[str, Callable[[], nn.Module]] = {
     "cross_entropy": nn.CrossEntropyLoss,
@@ -36,8 +53,46 @@ def metric_name(config: OptimConfig) -> str | None:
     return None  # bce_with_logits or a custom loss: no metric beyond the loss
 
 
-def metric_sum(name: str | None, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over the batch of the metric (correct predictions or squared errors), on the device."""
+def prediction_of(outputs: Any) -> torch.Tensor:
+    """The prediction tensor inside a model's output (see the module docstring for the rule).
+
+    Raises ConfigError naming the output's type when there is no tensor to take.
+    """
+    found: Any = outputs
+    if isinstance(outputs, (tuple, list)) and outputs:
+        found = outputs[0]
+    elif isinstance(outputs, Mapping) and outputs:
+        for key in ("prediction", "logits"):
+            if key in outputs:
+                found = outputs[key]
+                break
+        else:
+            found = next(iter(outputs.values()))
+    elif not isinstance(outputs, torch.Tensor) and isinstance(
+        getattr(outputs, "logits", None), torch.Tensor
+    ):
+        found = outputs.logits
+    elif dataclasses.is_dataclass(outputs) and not isinstance(outputs, type):
+        fields = dataclasses.fields(outputs)
+        found = getattr(outputs, fields[0].name) if fields else None
+    if not isinstance(found, torch.Tensor):
+        raise ConfigError(
+            f"the model's output must be a tensor, or a tuple/list (first element), dict "
+            f"('prediction' or 'logits' key, else the first value) or dataclass holding one, "
+            f"got {type(outputs).__name__} (prediction candidate: {type(found).__name__}). "
+            "Return the prediction tensor first, or pass a callable loss and no built-in metric"
+        )
+    return found
+
+
+def metric_sum(name: str | None, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of the metric (correct predictions or squared errors), on the device.
+
+    ``outputs`` is what the model returned; the metric reads :func:`prediction_of` of it.
+    """
+    if name is None:
+        return torch.zeros((), dtype=torch.float64)
+    outputs = prediction_of(outputs).detach()
     if name == "accuracy":
         return (outputs.argmax(dim=1) == labels).sum().double()
     if name == "mse" and outputs.numel() == labels.numel():
@@ -45,15 +100,30 @@ def metric_sum(name: str | None, outputs: torch.Tensor, labels: torch.Tensor) ->
     return torch.zeros((), dtype=torch.float64, device=outputs.device)
 
 
-def build_loss(config: OptimConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss function; regression losses get outputs and labels of the same shape."""
+def build_loss(config: OptimConfig) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """The loss function ``loss(outputs, labels)``.
+
+    A callable ``config.loss`` gets the model's output untouched. A named loss gets its
+    prediction (:func:`prediction_of`) and labels of the kind it needs: class indices as int64
+    for ``cross_entropy``/``nll`` (whole-valued float labels, e.g. from ``StringIndexer``, are
+    cast; the driver refuses fractional ones before launch), and for the other losses float
+    labels of the prediction's dtype and shape (an integer 0/1 label works with
+    ``bce_with_logits``).
+    """
     if not isinstance(config.loss, str):
         return config.loss
     loss = _LOSSES[config.loss]()
     if config.loss in ("cross_entropy", "nll"):
-        return loss
 
-    def shaped(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        def indexed(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+            if labels.dtype != torch.int64:  # whole floats (StringIndexer), int32 ...
+                labels = labels.long()
+            return loss(prediction_of(outputs), labels)
+
+        return indexed
+
+    def shaped(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        outputs = prediction_of(outputs)
         labels = labels.to(outputs.dtype)
         if outputs.dim() == 2 and outputs.shape[1] == 1 and labels.dim() == 1:
             outputs = outputs.squeeze(1)

@@ -18,6 +18,7 @@ epoch and weights) is not checkpointed: after a resume it starts over from the r
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ from sparkdl.channel.client import report_progress
 from sparkdl.config import TrainSpec
 from sparkdl.context import WorkerEnv, get_context
 from sparkdl.data.loader import ShardedDataset
-from sparkdl.errors import ConfigError, DataError, PeerLostError, is_peer_loss
+from sparkdl.errors import CheckpointError, ConfigError, DataError, PeerLostError, is_peer_loss
 from sparkdl.rundir.layout import RunLayout
 from sparkdl.rundir.model_dir import save_state_dict
 from sparkdl.sync import SyncStrategy
@@ -172,7 +173,7 @@ class _Trainer:
             consumed += 1
             epoch_samples += labels.shape[0]
             tally.window += loss.detach().double()
-            tally.score += metric_sum(self.metric, outputs.detach(), labels)
+            tally.score += metric_sum(self.metric, outputs, labels)
             tally.window_steps += 1
             if every and self.step % every == 0:
                 window_loss = float(tally.window)
@@ -413,7 +414,7 @@ class _Trainer:
         if votes:
             state = self.strategy.final_state_dict()  # the chief's copy; None on other ranks
             if state is not None:  # detach from the live parameters (CPU tensors alias them)
-                state = {k: v.clone() for k, v in state.items()}
+                state = copy.deepcopy(state)
         stop = stopping.update(epoch, validation_loss, improved=votes > 0, state=state)
         if stop and self.env.is_chief:
             log.info(
@@ -436,7 +437,15 @@ class _Trainer:
         if self.env.is_chief:
             assert state is not None
             model_dir = RunLayout(self.spec.run_dir).model_dir
-            save_state_dict(state, model_dir)
+            try:
+                save_state_dict(state, model_dir)
+            except CheckpointError:
+                raise
+            except Exception as exc:  # deterministic: a restart would fail the same way
+                raise CheckpointError(
+                    f"the final model must be saved to {model_dir}, got {type(exc).__name__}: "
+                    f"{exc}. The training itself finished; fix the cause and resume=True"
+                ) from exc
         self.sync.close()
         return WorkerResult(
             rank=self.env.rank,
@@ -490,8 +499,21 @@ def _inject(fault: Any) -> None:
         time.sleep(3600)
 
 
-def _peer_lost(exc: BaseException, trainer: _Trainer) -> BaseException:
-    """A failed collective → PeerLostError saying where this rank was and what bound applied."""
+_UNUSED_PARAMETERS = "Expected to have finished reduction in the prior iteration"
+
+
+def _translated(exc: BaseException, trainer: _Trainer) -> BaseException:
+    """A failure in sparkdl's words: a lost collective → PeerLostError saying where this rank was
+    and what bound applied; DDP's unused-parameter error → ConfigError naming the option."""
+    if _UNUSED_PARAMETERS in str(exc):
+        return ConfigError(
+            f"every parameter of the model must get a gradient in each step under "
+            f"strategy='allreduce' (DistributedDataParallel), got parameters unused by forward "
+            f"at epoch {trainer.epoch}, step {trainer.step}. Pass "
+            "strategy_options={'find_unused_parameters': True} (a little slower), or "
+            "static_graph=True when the same parameters are unused in every step, or remove "
+            "the unused parameters"
+        )
     if isinstance(exc, PeerLostError) or not is_peer_loss(exc):
         return exc
     name = type(exc).__name__
@@ -519,8 +541,8 @@ def run_worker(spec: TrainSpec, env: WorkerEnv) -> WorkerResult:
             if stop:
                 break
     except Exception as exc:
-        lost = _peer_lost(exc, trainer)
-        if lost is exc:
+        translated = _translated(exc, trainer)
+        if translated is exc:
             raise
-        raise lost from exc
+        raise translated from exc
     return trainer.finish()
