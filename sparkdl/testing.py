@@ -1,4 +1,5 @@
-"""[driver] Helpers shared by tests, notebooks and the demo: a loopback-only local Spark session.
+"""[driver] Helpers shared by tests, notebooks and the demo: a loopback-only local Spark session,
+free loopback ports for servers started beside it, and a tiny synthetic classification DataFrame.
 
 Spark's host name resolution picks an outside interface on many machines; everything here binds
 to 127.0.0.1 and makes executors start the interpreter that runs this code (which has torch).
@@ -7,13 +8,25 @@ to 127.0.0.1 and makes executors start the interpreter that runs this code (whic
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+from sparkdl._checks import expect_int
 
-__all__ = ["local_spark_session", "LOOPBACK"]
+if TYPE_CHECKING:
+    import subprocess
+
+    from pyspark.sql import DataFrame, SparkSession
+
+__all__ = [
+    "local_spark_session",
+    "LOOPBACK",
+    "free_port",
+    "wait_for_port",
+    "classification_frame",
+]
 
 LOOPBACK = "127.0.0.1"
 
@@ -65,3 +78,74 @@ def local_spark_session(
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port on ``host`` that nothing listens on at the moment of the call.
+
+    The port is only probed, not held: start the server on it soon (another process may take
+    it), or use it as a port that refuses connections.
+    """
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(
+    port: int,
+    *,
+    host: str = LOOPBACK,
+    timeout_s: float = 60.0,
+    process: subprocess.Popen | None = None,
+    log: str | None = None,
+) -> None:
+    """Return once something accepts TCP connections on ``host:port``; RuntimeError after
+    ``timeout_s`` seconds, or as soon as ``process`` (the server's, when given) has exited.
+
+    ``log`` (the server's log file) is named in the error, to say where to look.
+    """
+    see = f"; see {log}" if log else ""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(
+                f"process {process.pid} exited with {process.returncode} before listening "
+                f"on {host}:{port}{see}"
+            )
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listened on {host}:{port} within {timeout_s:g} s{see}")
+
+
+def classification_frame(
+    spark: SparkSession,
+    *,
+    rows: int,
+    features: int,
+    classes: int = 2,
+    seed: int = 0,
+    partitions: int | None = None,
+) -> DataFrame:
+    """A small synthetic classification DataFrame: ``features array<float>, label int``.
+
+    Features are standard normal draws (``numpy.random.default_rng(seed)``, so the same
+    arguments give the same rows); the label counts the thresholds a row crosses, ``x[0] > 0``,
+    ``x[1] > 0.5``, ``x[2] > 1``, … (``classes - 1`` of them), which a small model learns in a
+    few epochs. ``partitions`` repartitions the result round robin.
+    """
+    import numpy as np
+
+    expect_int("rows", rows, "Pass the number of rows to generate", low=0)
+    expect_int("classes", classes, "Pass at least two classes", low=2)
+    expect_int(
+        "features", features, "Pass at least one feature per class boundary", low=classes - 1
+    )
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, features)).astype(np.float32)
+    y = sum((x[:, j] > 0.5 * j).astype(int) for j in range(classes - 1))
+    data = [(x[i].tolist(), int(y[i])) for i in range(rows)]
+    frame = spark.createDataFrame(data, "features array<float>, label int")
+    return frame if partitions is None else frame.repartition(partitions)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,26 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-LOOPBACK = "127.0.0.1"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, log: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process {proc.pid} exited early; see {log}")
-        try:
-            with socket.create_connection((LOOPBACK, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listened on {LOOPBACK}:{port} within {timeout_s} s; see {log}")
+from sparkdl.testing import LOOPBACK, free_port, wait_for_port
 
 
 def child_pids(pid: int) -> list[int]:
@@ -133,19 +113,20 @@ def spark_standalone_cluster(tmp_path_factory):
         "SPARK_DAEMON_MEMORY": "256m",
         "PYSPARK_PYTHON": sys.executable,
     }
-    port, ui = _free_port(), _free_port()
+    port, ui = free_port(), free_port()
     master_cmd = [spark_class, "org.apache.spark.deploy.master.Master"]
     master_cmd += ["--host", LOOPBACK, "--port", str(port), "--webui-port", str(ui)]
     master = _start(master_cmd, env, os.path.join(logs, "master.log"))
     workers: list[subprocess.Popen] = []
     cluster = StandaloneCluster(f"spark://{LOOPBACK}:{port}", master, workers, logs)
     try:
-        _wait_for_port(port, master, os.path.join(logs, "master.log"))
+        master_log = os.path.join(logs, "master.log")
+        wait_for_port(port, timeout_s=180, process=master, log=master_log)
         for i in range(2):
             work_dir = os.path.join(logs, f"work-{i}")
             cmd = [spark_class, "org.apache.spark.deploy.worker.Worker", cluster.master_url]
-            cmd += ["--host", LOOPBACK, "--port", str(_free_port())]
-            cmd += ["--webui-port", str(_free_port()), "--cores", "1", "--memory", "1g"]
+            cmd += ["--host", LOOPBACK, "--port", str(free_port())]
+            cmd += ["--webui-port", str(free_port()), "--cores", "1", "--memory", "1g"]
             cmd += ["--work-dir", work_dir]
             workers.append(_start(cmd, env, os.path.join(logs, f"worker-{i}.log")))
         cluster.spark = local_spark_session(

@@ -9,32 +9,27 @@ Spark's own S3A jars are not in the pip pyspark, so datasets stay on local disk 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 
+from sparkdl.testing import LOOPBACK, free_port, wait_for_port
+
 BUCKET = "sparkdl-tests"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """(endpoint, environment) of a moto S3 server with the bucket ``BUCKET``; the driver's
     environment points at it while the session lasts."""
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
+    port = free_port()
+    endpoint = f"http://{LOOPBACK}:{port}"
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = open(log_path, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -49,15 +44,7 @@ def s3_server(tmp_path_factory):
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start (exit {proc.poll()})") from None
-                time.sleep(0.2)
+        wait_for_port(port, timeout_s=60, process=proc, log=str(log_path))
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)

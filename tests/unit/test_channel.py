@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 
@@ -17,6 +16,7 @@ from sparkdl.channel.server import ChannelServer
 from sparkdl.channel.wire import TO_DRIVER, encode_frame
 from sparkdl.launch.launcher import job_description, spark_job_phase
 from sparkdl.launch.progress import RunMonitor, format_progress
+from sparkdl.testing import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -145,9 +145,7 @@ def test_the_driver_queue_is_bounded_and_counts_drops():
 
 
 def test_client_falls_back_when_the_driver_is_gone(capfd):
-    with socket.socket() as probe:  # a port with nobody listening
-        probe.bind((LOOPBACK, 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a port with nobody listening
     undelivered = []
     client = ChannelClient(f"{LOOPBACK}:{port}", "t" * 32, on_fail=undelivered.extend)
     assert client.send({"t": "log", "msg": "first"})
