@@ -9,12 +9,11 @@ import signal
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
-import sparkdl
 from sparkdl.rundir import checkpoints as ckpt
+from sparkdl.testing import classification_frame
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -45,28 +44,19 @@ def _kill_an_executor_after_a_checkpoint(cluster, run_dir, killed, stop):
         time.sleep(0.1)
 
 
-def test_executor_killed_mid_training_restarts_and_resumes(spark_standalone_cluster, tmp_path):
+def test_executor_killed_mid_training_restarts_and_resumes(
+    spark_standalone_cluster, tmp_path, small_estimator
+):
     cluster = spark_standalone_cluster
-    spark = cluster.spark
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(ROWS, FEATURES)).astype(np.float32)
-    rows = [(x[i].tolist(), int(x[i, 0] > 0)) for i in range(ROWS)]
-    df = spark.createDataFrame(rows, "features array<float>, label int")
+    df = classification_frame(cluster.spark, rows=ROWS, features=FEATURES, seed=2)
     run_dir = str(tmp_path / "run")
     # 128 rows / 2 workers / batch 8 = 8 steps an epoch, 24 in all; checkpoints every 3 steps
-    est = sparkdl.TorchEstimator(
+    est = small_estimator(
+        run_dir,
         model=SlowNet,
-        feature_cols=["features"],
-        label_col="label",
-        optimizer="sgd",
-        learning_rate=0.1,
-        batch_size=8,
         epochs=3,
-        num_workers=2,
-        run_dir=run_dir,
         log_every_steps=1,
         checkpoint_every_steps=3,
-        collective_timeout_s=30,
         max_restarts=3,
     )
     killed: list[int] = []

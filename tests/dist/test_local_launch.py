@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
+from sparkdl.context import get_context
 from sparkdl.errors import WorkerGroupError
 from sparkdl.launch import Distributor
-from sparkdl.context import get_context
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,26 +23,6 @@ def all_reduce_rank():
     return {"rank": ctx.rank, "world": ctx.world_size, "sum": t.item(), "chief": ctx.is_chief}
 
 
-def fail_on_rank_one():
-    import torch
-    import torch.distributed as dist
-
-    if get_context().rank == 1:
-        raise ValueError("rank one has a bad batch")
-    dist.all_reduce(torch.zeros(1))
-
-
-def exit_mid_collective():
-    import torch
-    import torch.distributed as dist
-
-    dist.all_reduce(torch.zeros(1))  # both ranks are in the group
-    if get_context().rank == 1:
-        os._exit(3)
-    dist.all_reduce(torch.zeros(1))
-    dist.all_reduce(torch.zeros(1))
-
-
 def test_two_processes_all_reduce_their_ranks():
     results = Distributor(2, local_mode=True).run(all_reduce_rank)
     assert results == [
@@ -52,7 +31,7 @@ def test_two_processes_all_reduce_their_ranks():
     ]
 
 
-def test_exception_on_rank_one_names_it_with_traceback():
+def test_exception_on_rank_one_names_it_with_traceback(fail_on_rank_one):
     with pytest.raises(WorkerGroupError) as info:
         Distributor(2, local_mode=True, collective_timeout_s=30).run(fail_on_rank_one)
     error = info.value
@@ -62,7 +41,7 @@ def test_exception_on_rank_one_names_it_with_traceback():
     assert "fail_on_rank_one" in error.failures[0].traceback
 
 
-def test_rank_exiting_mid_collective_fails_the_group_quickly():
+def test_rank_exiting_mid_collective_fails_the_group_quickly(exit_mid_collective):
     start = time.monotonic()
     with pytest.raises(WorkerGroupError) as info:
         Distributor(2, local_mode=True, collective_timeout_s=10).run(exit_mid_collective)

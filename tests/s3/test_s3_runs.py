@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -22,6 +21,7 @@ from sparkdl.errors import ConfigError
 from sparkdl.rundir import RunLayout
 from sparkdl.rundir import checkpoints as ckpt
 from sparkdl.rundir.model_dir import load_module
+from sparkdl.testing import classification_frame, free_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -44,49 +44,32 @@ def small_model():
 
 @pytest.fixture(scope="module")
 def frame(spark_s3):
-    rng = np.random.default_rng(11)
-    x = rng.normal(size=(ROWS, FEATURES)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5).astype(int)
-    rows = [(x[i].tolist(), int(y[i])) for i in range(ROWS)]
-    return spark_s3.createDataFrame(rows, "features array<float>, label int").repartition(3)
-
-
-def small_estimator(run_dir, dataset_dir, **overrides):
-    # 192 rows / 2 workers / batch 8 = 12 steps per epoch; checkpoints every 5 steps and epoch
-    kwargs = dict(
-        model=small_model,
-        feature_cols=["features"],
-        label_col="label",
-        optimizer="sgd",
-        learning_rate=0.1,
-        batch_size=8,
-        epochs=2,
-        num_workers=2,
-        run_dir=str(run_dir),
-        dataset_dir=str(dataset_dir),
-        log_every_steps=2,
-        checkpoint_every_steps=5,
-        collective_timeout_s=30,
+    return classification_frame(
+        spark_s3, rows=ROWS, features=FEATURES, classes=3, seed=11, partitions=3
     )
-    kwargs.update(overrides)
-    return sparkdl.TorchEstimator(**kwargs)
 
 
 @pytest.fixture(scope="module")
-def digits_on_s3(spark_s3, s3_module_root, tmp_path_factory):
+def estimator(small_estimator):
+    """``estimator(run_dir, dataset_dir, **overrides)``: the small estimator (tests/conftest.py)
+    on small_model, its dataset on local disk.
+
+    192 rows / 2 workers / batch 8 = 12 steps per epoch; checkpoints every 5 steps and epoch.
+    """
+
+    def build(run_dir, dataset_dir, **overrides):
+        settings = {"model": small_model, "checkpoint_every_steps": 5, **overrides}
+        return small_estimator(run_dir, dataset_dir=str(dataset_dir), **settings)
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def digits_on_s3(spark_s3, s3_module_root, tmp_path_factory, digits_estimator):
     train = spark_s3.read.parquet(os.path.join(DIGITS, "train.parquet"))
     test = spark_s3.read.parquet(os.path.join(DIGITS, "test.parquet"))
-    run_dir = f"{s3_module_root}/digits"
-    model = sparkdl.TorchEstimator(
-        model="sparkdl.models:mlp",
-        model_kwargs={"in_features": 64, "out_features": 10},
-        feature_cols=["features"],
-        label_col="label",
-        learning_rate=3e-3,
-        batch_size=32,
-        epochs=15,
-        num_workers=2,
-        run_dir=run_dir,
+    model = digits_estimator(
+        f"{s3_module_root}/digits",
         dataset_dir=str(tmp_path_factory.mktemp("digits") / "data"),
         log_every_steps=10,
         keep_last=2,
@@ -164,11 +147,11 @@ def test_torch_model_saved_to_s3_loads_in_a_fresh_process(digits_on_s3, s3_root,
     assert described == f"{model.run_dir} ['features']"
 
 
-def test_killed_rank_resumes_exactly_from_s3_checkpoints(frame, s3_root, tmp_path):
-    reference = small_estimator(f"{s3_root}/ref", tmp_path / "ref-data").fit(frame)
+def test_killed_rank_resumes_exactly_from_s3_checkpoints(frame, s3_root, tmp_path, estimator):
+    reference = estimator(f"{s3_root}/ref", tmp_path / "ref-data").fit(frame)
     fault = {"rank": 1, "step": 8, "attempt": 0, "mode": "exit"}  # mid-epoch 0, after ckpt 5
     run_dir = f"{s3_root}/faulty"
-    model = small_estimator(run_dir, tmp_path / "data", fault_injection=fault).fit(frame)
+    model = estimator(run_dir, tmp_path / "data", fault_injection=fault).fit(frame)
     run = RunDirectory(run_dir).summary()
     assert run["status"] == "succeeded" and run["resumed_from_step"] == 5
     assert [a["attempt"] for a in run["attempts"]] == [0, 1]
@@ -183,10 +166,12 @@ def test_killed_rank_resumes_exactly_from_s3_checkpoints(frame, s3_root, tmp_pat
     "strategy, options",
     [("fsdp", {"min_unit_params": 0}), ("parameter_server", {}), ("local_sgd", {"sync_every": 2})],
 )
-def test_sync_strategies_checkpoint_and_resume_on_s3(frame, s3_root, tmp_path, strategy, options):
+def test_sync_strategies_checkpoint_and_resume_on_s3(
+    frame, s3_root, tmp_path, strategy, options, estimator
+):
     fault = {"rank": 0, "step": 8, "attempt": 0, "mode": "exit"}
     run_dir = f"{s3_root}/{strategy}"
-    model = small_estimator(
+    model = estimator(
         run_dir,
         tmp_path / "data",
         strategy=strategy,
@@ -203,25 +188,21 @@ def test_sync_strategies_checkpoint_and_resume_on_s3(frame, s3_root, tmp_path, s
     assert all(torch.equal(expected[k], v) for k, v in reloaded.state_dict().items())
 
 
-def test_a_missing_bucket_is_refused_on_the_driver_before_anything_runs(frame, tmp_path):
+def test_a_missing_bucket_is_refused_on_the_driver_before_anything_runs(frame, tmp_path, estimator):
     start = time.monotonic()
     with pytest.raises(ConfigError, match="s3://no-such-bucket-sparkdl/run") as info:
-        small_estimator("s3://no-such-bucket-sparkdl/run", tmp_path / "data").fit(frame)
+        estimator("s3://no-such-bucket-sparkdl/run", tmp_path / "data").fit(frame)
     assert "run_dir" in str(info.value)
     assert time.monotonic() - start < 60
     assert not os.path.exists(tmp_path / "data")  # refused before materialize's Spark jobs
 
 
-def test_an_unreachable_endpoint_is_refused_on_the_driver(frame, tmp_path, monkeypatch):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
+def test_an_unreachable_endpoint_is_refused_on_the_driver(frame, tmp_path, monkeypatch, estimator):
+    port = free_port()  # only probed: nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     start = time.monotonic()
     with pytest.raises(ConfigError, match="run_dir"):
-        small_estimator("s3://sparkdl-tests/unreachable", tmp_path / "data").fit(frame)
+        estimator("s3://sparkdl-tests/unreachable", tmp_path / "data").fit(frame)
     assert time.monotonic() - start < 120
     assert not os.path.exists(tmp_path / "data")
 
@@ -253,3 +234,33 @@ def test_jobs_train_and_predict_with_the_run_directory_on_s3(spark_s3, s3_root, 
     assert "metadata" in storage.list_dir(f"{s3_root}/model")
     assert predict.main(common) == 0  # loads the model from S3
     assert "predictions: 359 rows" in capsys.readouterr().out
+
+
+def test_pipeline_with_its_run_on_s3_and_resume_after_a_failed_fit(
+    frame, s3_root, tmp_path, estimator
+):
+    from pyspark.ml import Pipeline, PipelineModel
+
+    from sparkdl.errors import WorkerGroupError
+    from sparkdl.ml import trust_pickle
+
+    run_dir = f"{s3_root}/pipe"
+    fault = {"rank": 1, "step": 17, "attempt": 0, "mode": "raise"}  # epoch 1; ckpt at 15
+    failing = estimator(run_dir, tmp_path / "data", fault_injection=fault, max_restarts=0)
+    with pytest.raises(WorkerGroupError):
+        Pipeline(stages=[failing]).fit(frame)
+    assert RunDirectory(run_dir).summary()["status"] == "failed"
+    assert ckpt.latest_step(run_dir) == 15
+    # resume=True picks the S3 run up where it stopped (same local dataset, reused)
+    resumed = estimator(run_dir, tmp_path / "data", resume=True)
+    fitted = Pipeline(stages=[resumed]).fit(frame)
+    run = RunDirectory(run_dir).summary()
+    assert run["status"] == "succeeded" and run["resumed_from_step"] == 15
+    # the PipelineModel itself saves where Spark writes (local here); its stage points at S3
+    fitted.write().save(str(tmp_path / "pipeline"))
+    with trust_pickle():  # the model is a function from this module, stored pickled
+        loaded = PipelineModel.load(str(tmp_path / "pipeline"))
+    stage = loaded.stages[0]
+    assert stage.run_dir == run_dir and stage.summary["status"] == "succeeded"
+    before = fitted.transform(frame).select("prediction").collect()
+    assert loaded.transform(frame).select("prediction").collect() == before

@@ -9,9 +9,9 @@ resume (tests/unit/test_checkpoint.py), a raising or hanging rank (tests/spark/t
 
 from __future__ import annotations
 
+import functools
 import os
 
-import numpy as np
 import pytest
 import torch
 from pyspark.sql import functions as F
@@ -24,6 +24,7 @@ from sparkdl.errors import (
     WorkerConfigError,
     WorkerDataError,
 )
+from sparkdl.testing import classification_frame
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -44,28 +45,13 @@ def broken_factory():
 
 @pytest.fixture(scope="module")
 def frame(spark_local):
-    rng = np.random.default_rng(5)
-    x = rng.normal(size=(ROWS, FEATURES)).astype(np.float32)
-    rows = [(x[i].tolist(), int(x[i, 0] > 0)) for i in range(ROWS)]
-    return spark_local.createDataFrame(rows, "features array<float>, label int")
+    return classification_frame(spark_local, rows=ROWS, features=FEATURES, seed=5)
 
 
-def estimator(run_dir, **overrides):
-    kwargs = dict(
-        model=small_model,
-        feature_cols=["features"],
-        label_col="label",
-        optimizer="sgd",
-        learning_rate=0.1,
-        batch_size=8,
-        epochs=2,
-        num_workers=2,
-        run_dir=str(run_dir),
-        log_every_steps=2,
-        collective_timeout_s=30,
-    )
-    kwargs.update(overrides)
-    return sparkdl.TorchEstimator(**kwargs)
+@pytest.fixture(scope="module")
+def estimator(small_estimator):
+    """``estimator(run_dir, **overrides)``: the small estimator (tests/conftest.py) on small_model."""
+    return functools.partial(small_estimator, model=small_model)
 
 
 def _run_json(run_dir):
@@ -108,7 +94,7 @@ def _poison(column, value):
     ],
     ids=["nan-feature", "inf-feature", "inf-label", "ragged-array"],
 )
-def test_invalid_values_fail_before_training(frame, tmp_path, change, match):
+def test_invalid_values_fail_before_training(frame, tmp_path, change, match, estimator):
     df = change(frame.withColumn("id", F.monotonically_increasing_id())).drop("id")
     with pytest.raises(DataError, match=match):
         estimator(tmp_path / "run").fit(df)
@@ -116,7 +102,7 @@ def test_invalid_values_fail_before_training(frame, tmp_path, change, match):
     assert not os.path.exists(tmp_path / "run" / "data" / "_sparkdl_manifest.json")
 
 
-def test_on_invalid_skip_drops_the_rows_and_trains(frame, tmp_path):
+def test_on_invalid_skip_drops_the_rows_and_trains(frame, tmp_path, estimator):
     df = frame.withColumn("id", F.monotonically_increasing_id())
     df = _poison("features", "cast('NaN' as float)")(df)
     df = df.withColumn(
@@ -131,7 +117,7 @@ def test_on_invalid_skip_drops_the_rows_and_trains(frame, tmp_path):
     assert _run_json(model.run_dir)["status"] == "succeeded"
 
 
-def test_corrupt_parquet_input_is_a_data_error(frame, spark_local, tmp_path):
+def test_corrupt_parquet_input_is_a_data_error(frame, spark_local, tmp_path, estimator):
     source = str(tmp_path / "input")
     frame.repartition(2).write.parquet(source)
     with open(os.path.join(source, "part-99999-corrupt.parquet"), "wb") as fh:
@@ -142,7 +128,7 @@ def test_corrupt_parquet_input_is_a_data_error(frame, spark_local, tmp_path):
     _nothing_complete(tmp_path / "run")
 
 
-def test_corrupt_shard_in_a_dataset_fails_once_with_a_data_error(frame, tmp_path):
+def test_corrupt_shard_in_a_dataset_fails_once_with_a_data_error(frame, tmp_path, estimator):
     ds = sparkdl.materialize(
         frame, str(tmp_path / "ds"), feature_cols=["features"], label_col="label", num_shards=2
     )
@@ -157,7 +143,7 @@ def test_corrupt_shard_in_a_dataset_fails_once_with_a_data_error(frame, tmp_path
     _nothing_complete(tmp_path / "run")
 
 
-def test_model_factory_raising_is_a_config_error_without_restarts(frame, tmp_path):
+def test_model_factory_raising_is_a_config_error_without_restarts(frame, tmp_path, estimator):
     with pytest.raises(WorkerConfigError, match="cannot build this model") as info:
         estimator(tmp_path / "run", model=broken_factory).fit(frame)
     assert isinstance(info.value, ConfigError)
@@ -165,7 +151,7 @@ def test_model_factory_raising_is_a_config_error_without_restarts(frame, tmp_pat
     _nothing_complete(tmp_path / "run")
 
 
-def test_loss_turning_nan_stops_naming_the_step(frame, tmp_path):
+def test_loss_turning_nan_stops_naming_the_step(frame, tmp_path, estimator):
     def nan_loss(outputs, labels):
         return outputs.sum() * float("nan")
 
@@ -175,7 +161,7 @@ def test_loss_turning_nan_stops_naming_the_step(frame, tmp_path):
     _nothing_complete(tmp_path / "run")
 
 
-def test_existing_run_dir_needs_overwrite_or_resume(frame, tmp_path):
+def test_existing_run_dir_needs_overwrite_or_resume(frame, tmp_path, estimator):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("someone else's files")
     with pytest.raises(ConfigError, match="resume=True"):
@@ -185,7 +171,7 @@ def test_existing_run_dir_needs_overwrite_or_resume(frame, tmp_path):
     assert os.listdir(tmp_path / "run") == ["notes.txt"]
 
 
-def test_unwritable_run_dir_is_a_config_error(frame, tmp_path):
+def test_unwritable_run_dir_is_a_config_error(frame, tmp_path, estimator):
     (tmp_path / "file").write_text("a file, not a directory")
     with pytest.raises(ConfigError, match="writable"):
         estimator(tmp_path / "file" / "run").fit(frame)
@@ -204,7 +190,7 @@ def test_unwritable_run_dir_is_a_config_error(frame, tmp_path):
         ({"overwrite": True, "resume": True}, "resume"),
     ],
 )
-def test_invalid_reliability_values(tmp_path, frame, kwargs, match):
+def test_invalid_reliability_values(tmp_path, frame, kwargs, match, estimator):
     with pytest.raises(ConfigError, match=match):
         estimator(tmp_path / "run", **kwargs).fit(frame)
     assert not os.path.exists(tmp_path / "run")

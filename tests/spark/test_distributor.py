@@ -27,15 +27,6 @@ def all_reduce_rank(offset):
     return (ctx.rank, ctx.world_size, ctx.local_rank, str(ctx.device), t.item())
 
 
-def fail_on_rank_one():
-    import torch
-    import torch.distributed as dist
-
-    if get_context().rank == 1:
-        raise ValueError("rank one has a bad batch")
-    dist.all_reduce(torch.zeros(1))
-
-
 def _jobs_submitted(sc) -> int:
     """Jobs the DAGScheduler has ever been given (synchronous, unlike the status store)."""
     value = sc._jsc.sc().dagScheduler().nextJobId()
@@ -61,7 +52,7 @@ def test_each_rank_returns_its_own_value(spark_local):
     ]
 
 
-def test_exception_on_rank_one_reaches_driver_with_traceback(spark_local):
+def test_exception_on_rank_one_reaches_driver_with_traceback(spark_local, fail_on_rank_one):
     with pytest.raises(WorkerGroupError) as info:
         Distributor(2, spark=spark_local, collective_timeout_s=30).run(fail_on_rank_one)
     error = info.value
@@ -131,20 +122,7 @@ def test_job_group_names_the_run_and_is_restored(spark_local):
     assert "sparkdl: named_run (1 worker)" in names
 
 
-def exit_mid_collective():
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    dist.all_reduce(torch.zeros(1))
-    if get_context().rank == 1:
-        os._exit(3)
-    dist.all_reduce(torch.zeros(1))
-    dist.all_reduce(torch.zeros(1))
-
-
-def test_rank_dying_mid_collective_fails_the_run_quickly(spark_local):
+def test_rank_dying_mid_collective_fails_the_run_quickly(spark_local, exit_mid_collective):
     with pytest.raises(WorkerGroupError) as info:
         Distributor(2, spark=spark_local, collective_timeout_s=10).run(exit_mid_collective)
     assert "rank 1" in str(info.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -15,38 +16,17 @@ from sparkdl.rundir.model_dir import load_module
 
 pytestmark = pytest.mark.timeout(240)
 
-DIGITS = os.path.join(os.path.dirname(__file__), "..", "..", "data", "digits")
-MLP = "sparkdl.models:mlp"
 
-
-def _estimator(run_dir, **overrides):
-    kwargs = dict(
-        model=MLP,
-        model_kwargs={"in_features": 64, "out_features": 10},
-        feature_cols=["features"],
-        label_col="label",
-        learning_rate=3e-3,
-        batch_size=32,
-        epochs=15,
-        num_workers=2,
-        run_dir=str(run_dir),
-        log_every_steps=10,
-    )
-    kwargs.update(overrides)
-    return sparkdl.TorchEstimator(**kwargs)
+@pytest.fixture(scope="module")
+def estimator(digits_estimator):
+    """``estimator(run_dir, **overrides)``: the digits estimator (tests/conftest.py)."""
+    return functools.partial(digits_estimator, log_every_steps=10)
 
 
 @pytest.fixture(scope="module")
-def digits(spark_local):
-    train = spark_local.read.parquet(os.path.join(DIGITS, "train.parquet"))
-    test = spark_local.read.parquet(os.path.join(DIGITS, "test.parquet"))
-    return train, test
-
-
-@pytest.fixture(scope="module")
-def fitted(digits, tmp_path_factory):
+def fitted(digits, tmp_path_factory, estimator):
     run_dir = tmp_path_factory.mktemp("runs") / "digits"
-    return _estimator(run_dir).fit(digits[0])
+    return estimator(run_dir).fit(digits[0])
 
 
 def test_digits_reaches_95_percent_with_two_workers(fitted, digits):
@@ -78,11 +58,11 @@ def test_run_directory_is_complete(fitted, spark_local):
     assert fitted.metrics.count() == metrics.count()
 
 
-def test_lambda_model_and_sharded_dataset_input(digits, tmp_path):
+def test_lambda_model_and_sharded_dataset_input(digits, tmp_path, estimator):
     ds = sparkdl.materialize(
         digits[0], str(tmp_path / "ds"), feature_cols=["features"], label_col="label", num_shards=2
     )
-    est = _estimator(
+    est = estimator(
         tmp_path / "run",
         model=lambda: torch.nn.Linear(64, 10),
         model_kwargs=None,
@@ -99,17 +79,17 @@ def test_lambda_model_and_sharded_dataset_input(digits, tmp_path):
     )
 
 
-def test_existing_run_dir_is_refused_then_overwritten(fitted, digits):
+def test_existing_run_dir_is_refused_then_overwritten(fitted, digits, estimator):
     with pytest.raises(ConfigError, match="overwrite"):
-        _estimator(fitted.run_dir, epochs=1).fit(digits[0])
+        estimator(fitted.run_dir, epochs=1).fit(digits[0])
 
 
-def test_failed_run_is_marked_failed(digits, tmp_path):
+def test_failed_run_is_marked_failed(digits, tmp_path, estimator):
     def bad_loss(outputs, labels):
         raise RuntimeError("loss exploded on purpose")
 
     with pytest.raises(sparkdl.WorkerGroupError, match="loss exploded on purpose"):
-        _estimator(tmp_path / "run", loss=bad_loss, epochs=1).fit(digits[0])
+        estimator(tmp_path / "run", loss=bad_loss, epochs=1).fit(digits[0])
     with open(tmp_path / "run" / "run.json") as fh:
         run = json.load(fh)
     assert run["status"] == "failed" and "loss exploded" in run["error"]["message"]
@@ -132,15 +112,15 @@ def test_failed_run_is_marked_failed(digits, tmp_path):
     ],
     ids=["missing-label", "string-features", "null-labels", "empty", "fewer-rows-than-workers"],
 )
-def test_bad_dataframes_fail_before_training(digits, tmp_path, change, error, match):
+def test_bad_dataframes_fail_before_training(digits, tmp_path, change, error, match, estimator):
     with pytest.raises(error, match=match):
-        _estimator(tmp_path / "run", epochs=1).fit(change(digits[0]))
+        estimator(tmp_path / "run", epochs=1).fit(change(digits[0]))
     assert not os.path.exists(tmp_path / "run" / "model" / "state_dict.pt")
 
 
-def test_more_workers_than_slots_fails_fast(digits, tmp_path):
+def test_more_workers_than_slots_fails_fast(digits, tmp_path, estimator):
     with pytest.raises(ConfigError, match="slots"):
-        _estimator(tmp_path / "run", num_workers=3).fit(digits[0])
+        estimator(tmp_path / "run", num_workers=3).fit(digits[0])
     assert not os.path.exists(tmp_path / "run")
 
 
@@ -155,6 +135,6 @@ def test_more_workers_than_slots_fails_fast(digits, tmp_path):
         ({"feature_cols": []}, "feature_cols"),
     ],
 )
-def test_invalid_values_fail_on_construction(tmp_path, kwargs, match):
+def test_invalid_values_fail_on_construction(tmp_path, kwargs, match, estimator):
     with pytest.raises(ConfigError, match=match):
-        _estimator(tmp_path / "run", **kwargs)
+        estimator(tmp_path / "run", **kwargs)

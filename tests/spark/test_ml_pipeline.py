@@ -21,7 +21,6 @@ from sparkdl.errors import CheckpointError, ConfigError
 pytestmark = pytest.mark.timeout(600)
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-DIGITS = os.path.join(ROOT, "data", "digits", "train.parquet")
 EPOCHS = 12
 
 
@@ -152,26 +151,19 @@ def test_early_stopping_needs_a_validation_split(linear_data, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def early_stopped(spark_local, tmp_path_factory):
+def early_stopped(digits, tmp_path_factory, digits_estimator):
     """Digits with a validation_col whose rows have shifted labels: validation loss rises."""
     is_validation = (F.hash(F.col("features").cast("string")) % 5) == 0
-    df = spark_local.read.parquet(DIGITS).withColumn("is_validation", is_validation)
+    df = digits[0].withColumn("is_validation", is_validation)
     df = df.withColumn(
         "label", F.when(F.col("is_validation"), (F.col("label") + 1) % 10).otherwise(F.col("label"))
     )
-    est = sparkdl.TorchEstimator(
-        model="sparkdl.models:mlp",
-        model_kwargs={"in_features": 64, "out_features": 10},
-        feature_cols=["features"],
-        label_col="label",
-        learning_rate=3e-3,
-        batch_size=32,
+    est = digits_estimator(
+        tmp_path_factory.mktemp("runs") / "early",
         epochs=20,
-        num_workers=2,
         validation_col="is_validation",
         early_stopping_patience=2,
         probability_col="probability",
-        run_dir=str(tmp_path_factory.mktemp("runs") / "early"),
     )
     return est.fit(df), df.filter("is_validation")
 

@@ -5,8 +5,6 @@ Runs in the compat environment (``make test-compat``); skipped where petastorm c
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from pyspark.sql import functions as F
 
@@ -14,8 +12,6 @@ import sparkdl
 from sparkdl.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(300)
-
-DIGITS = os.path.join(os.path.dirname(__file__), "..", "..", "data", "digits")
 
 
 def _petastorm_problem() -> str | None:
@@ -35,13 +31,6 @@ if _petastorm_problem() is not None:
 
 
 @pytest.fixture(scope="module")
-def digits(spark_local):
-    train = spark_local.read.parquet(os.path.join(DIGITS, "train.parquet"))
-    test = spark_local.read.parquet(os.path.join(DIGITS, "test.parquet"))
-    return train, test
-
-
-@pytest.fixture(scope="module")
 def converter(spark_local, digits, tmp_path_factory):
     from petastorm.spark import SparkDatasetConverter, make_spark_converter
 
@@ -52,24 +41,15 @@ def converter(spark_local, digits, tmp_path_factory):
     conv.delete()
 
 
-def test_converter_output_opens_and_trains_with_the_petastorm_reader(converter, digits, tmp_path):
+def test_converter_output_opens_and_trains_with_the_petastorm_reader(
+    converter, digits, tmp_path, digits_estimator
+):
     ds = sparkdl.ShardedDataset.from_parquet(
         converter.cache_dir_url, feature_cols=["features"], label_col="label", num_shards=2
     )
     assert ds.num_rows == len(converter) == digits[0].count()
     assert ds.feature_dim == 64 and ds.label_is_integer
-    est = sparkdl.TorchEstimator(
-        model="sparkdl.models:mlp",
-        model_kwargs={"in_features": 64, "out_features": 10},
-        feature_cols=["features"],
-        label_col="label",
-        learning_rate=3e-3,
-        batch_size=32,
-        epochs=8,
-        num_workers=2,
-        run_dir=str(tmp_path / "run"),
-        reader="petastorm",
-    )
+    est = digits_estimator(tmp_path / "run", epochs=8, reader="petastorm")
     model = est.fit(ds)
     assert model.summary["config"]["optim"]["reader"] == "petastorm"
     scored = model.transform(digits[1])

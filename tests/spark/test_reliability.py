@@ -4,10 +4,10 @@ clear errors; resume=True continues an interrupted run (with another worker coun
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,6 +15,7 @@ import sparkdl
 from sparkdl.artifacts import RunDirectory
 from sparkdl.errors import WorkerGroupError
 from sparkdl.rundir import checkpoints as ckpt
+from sparkdl.testing import classification_frame
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -29,31 +30,18 @@ def small_model():
 
 @pytest.fixture(scope="module")
 def frame(spark_local):
-    rng = np.random.default_rng(11)
-    x = rng.normal(size=(ROWS, FEATURES)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5).astype(int)
-    rows = [(x[i].tolist(), int(y[i])) for i in range(ROWS)]
-    return spark_local.createDataFrame(rows, "features array<float>, label int").repartition(3)
-
-
-def estimator(run_dir, **overrides):
-    # 192 rows / 2 workers / batch 8 = 12 steps per epoch; checkpoints every 5 steps and epoch
-    kwargs = dict(
-        model=small_model,
-        feature_cols=["features"],
-        label_col="label",
-        optimizer="sgd",
-        learning_rate=0.1,
-        batch_size=8,
-        epochs=2,
-        num_workers=2,
-        run_dir=str(run_dir),
-        log_every_steps=2,
-        checkpoint_every_steps=5,
-        collective_timeout_s=30,
+    return classification_frame(
+        spark_local, rows=ROWS, features=FEATURES, classes=3, seed=11, partitions=3
     )
-    kwargs.update(overrides)
-    return sparkdl.TorchEstimator(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def estimator(small_estimator):
+    """``estimator(run_dir, **overrides)``: the small estimator (tests/conftest.py) on small_model.
+
+    192 rows / 2 workers / batch 8 = 12 steps per epoch; checkpoints every 5 steps and epoch.
+    """
+    return functools.partial(small_estimator, model=small_model, checkpoint_every_steps=5)
 
 
 def _run_json(run_dir):
@@ -61,11 +49,13 @@ def _run_json(run_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(frame, tmp_path_factory):
+def reference(frame, tmp_path_factory, estimator):
     return estimator(tmp_path_factory.mktemp("ref") / "run").fit(frame)
 
 
-def test_killed_worker_restarts_and_matches_an_uninterrupted_run(frame, reference, tmp_path):
+def test_killed_worker_restarts_and_matches_an_uninterrupted_run(
+    frame, reference, tmp_path, estimator
+):
     fault = {"rank": 1, "step": 8, "attempt": 0, "mode": "exit"}  # mid-epoch 0, after ckpt 5
     model = estimator(tmp_path / "run", fault_injection=fault).fit(frame)
     run = _run_json(model.run_dir)
@@ -81,7 +71,7 @@ def test_killed_worker_restarts_and_matches_an_uninterrupted_run(frame, referenc
     assert len(rows[rows.name == "loss"]) == 2
 
 
-def test_rank_raising_fails_fast_then_resume_continues_with_one_worker(frame, tmp_path):
+def test_rank_raising_fails_fast_then_resume_continues_with_one_worker(frame, tmp_path, estimator):
     run_dir = tmp_path / "run"
     fault = {"rank": 1, "step": 17, "attempt": 0, "mode": "raise"}  # epoch 1, batch 5; ckpt 15
     start = time.monotonic()
@@ -112,7 +102,7 @@ def one_per_rank():
     return sparkdl.get_context().rank
 
 
-def test_hanging_rank_is_torn_down_with_a_clear_error(frame, tmp_path, spark_local):
+def test_hanging_rank_is_torn_down_with_a_clear_error(frame, tmp_path, spark_local, estimator):
     fault = {"rank": 0, "step": 3, "attempt": 0, "mode": "hang"}
     start = time.monotonic()
     with pytest.raises(WorkerGroupError) as info:

@@ -3,6 +3,7 @@ within 2 points of all-reduce, bytes and samples/s recorded, bad options refused
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -19,21 +20,15 @@ DIGITS = os.path.join(os.path.dirname(__file__), "..", "..", "data", "digits")
 EPOCHS = 15
 
 
-def _estimator(run_dir, **overrides):
-    kwargs = dict(
-        model="sparkdl.models:mlp",
-        model_kwargs={"in_features": 64, "out_features": 10},
-        feature_cols=["features"],
-        label_col="label",
+@pytest.fixture(scope="module")
+def estimator(digits_estimator):
+    """``estimator(run_dir, **overrides)``: the digits estimator (tests/conftest.py) at 1e-3."""
+    return functools.partial(
+        digits_estimator,
         learning_rate=1e-3,  # asynchronous SGD at 3e-3 ends noisily (±3 points)
-        batch_size=32,
         epochs=EPOCHS,
-        num_workers=2,
-        run_dir=str(run_dir),
         log_every_steps=10,
     )
-    kwargs.update(overrides)
-    return sparkdl.TorchEstimator(**kwargs)
 
 
 def _test_accuracy(module: torch.nn.Module) -> float:
@@ -45,11 +40,10 @@ def _test_accuracy(module: torch.nn.Module) -> float:
 
 
 @pytest.fixture(scope="module")
-def digits_dataset(spark_local, tmp_path_factory):
-    train = spark_local.read.parquet(os.path.join(DIGITS, "train.parquet"))
+def digits_dataset(digits, tmp_path_factory):
     path = tmp_path_factory.mktemp("sync") / "digits"
     return sparkdl.materialize(
-        train,
+        digits[0],
         str(path),
         feature_cols=["features"],
         label_col="label",
@@ -59,9 +53,9 @@ def digits_dataset(spark_local, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def allreduce_accuracy(digits_dataset, tmp_path_factory):
+def allreduce_accuracy(digits_dataset, tmp_path_factory, estimator):
     run_dir = tmp_path_factory.mktemp("sync") / "allreduce"
-    return _test_accuracy(_estimator(run_dir).fit(digits_dataset).module)
+    return _test_accuracy(estimator(run_dir).fit(digits_dataset).module)
 
 
 @pytest.mark.parametrize(
@@ -70,9 +64,9 @@ def allreduce_accuracy(digits_dataset, tmp_path_factory):
     ids=["local_sgd", "parameter_server", "fsdp"],
 )
 def test_strategy_reaches_allreduce_accuracy(
-    digits_dataset, allreduce_accuracy, tmp_path, strategy, options
+    digits_dataset, allreduce_accuracy, tmp_path, strategy, options, estimator
 ):
-    model = _estimator(tmp_path / "run", strategy=strategy, strategy_options=options).fit(
+    model = estimator(tmp_path / "run", strategy=strategy, strategy_options=options).fit(
         digits_dataset
     )
     accuracy = _test_accuracy(model.module)
@@ -124,6 +118,6 @@ def test_strategy_reaches_allreduce_accuracy(
         "servers",
     ],
 )
-def test_bad_strategy_options_fail_on_construction(tmp_path, kwargs, match):
+def test_bad_strategy_options_fail_on_construction(tmp_path, kwargs, match, estimator):
     with pytest.raises(ConfigError, match=match):
-        _estimator(tmp_path / "run", **kwargs)
+        estimator(tmp_path / "run", **kwargs)
