@@ -15,6 +15,7 @@ from pyspark.sql import functions as F
 
 import sparkdl
 from sparkdl.cli import load_config, parse_args, read_input, spark_session_for_job
+from sparkdl.columns import quote_column
 
 
 def main(argv=None) -> int:
@@ -35,7 +36,9 @@ def main(argv=None) -> int:
     spark = spark_session_for_job(config)
     df = read_input(spark, data["train"], data["format"], data["options"])
     selected = [
-        F.col(f"`{c}`").cast(data["cast"][c]).alias(c) if c in data["cast"] else F.col(f"`{c}`")
+        F.col(quote_column(c)).cast(data["cast"][c]).alias(c)
+        if c in data["cast"]
+        else F.col(quote_column(c))
         for c in columns
     ]
     dataset = sparkdl.materialize(

@@ -22,6 +22,7 @@ from sparkdl.cli import (
     saved_model_path,
     spark_session_for_job,
 )
+from sparkdl.columns import quote_column
 from sparkdl.launch.launcher import job_description, spark_job_phase
 from sparkdl.rundir import RunLayout
 
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     writer = model.write().overwrite() if run["mode"] == "overwrite" else model.write()
     writer.save(saved_model_path(config))
     if data["test"]:
-        label = F.col(data["label_col"])
+        label = F.col(quote_column(data["label_col"]))
         scored = model.transform(read_input(spark, data["test"], data["format"], data["options"]))
         run_name = RunLayout(model.run_dir).name
         with spark_job_phase(spark.sparkContext, job_description(run_name, "predict")):

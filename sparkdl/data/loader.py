@@ -16,7 +16,9 @@ surplus rows are dropped, and with ``shuffle=True`` which rows those are changes
 may be short, and a rank whose slice is one row shorter repeats its first row once so that
 every rank yields the same batch sizes (all-reduce never waits on a rank that ran out).
 In general the counts come from the rows each rank's source reads (``rank_rows``): the fewest
-rows' whole batches, or with ``drop_last=False`` the most rows' batches.
+rows' whole batches, or with ``drop_last=False`` the most rows' batches. The one exception: with
+``drop_last=False`` a rank that has no row at all (a split smaller than ``world_size``) yields
+no batch, since it has nothing to repeat.
 
 Shuffle (``shuffle=True``), seeded by ``(seed, epoch, rank)`` and independent of timing or
 prefetch depth: the rank's row-group pieces are visited in a permuted order, and rows are
@@ -37,7 +39,6 @@ replicas as fallback).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -123,12 +124,6 @@ class ShardLoader:
         self.verify_checksums = verify_checksums
         m.shards_of(split)  # DataError for an unknown split
         total = m.splits[split]
-        start, stop = rank_slice(total, world_size, rank)
-        if not drop_last and stop == start and math.ceil(total / world_size) > 0:
-            raise DataError(
-                f"split {split!r} must have at least world_size ({world_size}) rows for "
-                f"drop_last=False, got {total}. Use fewer workers or drop_last=True."
-            )
         self._source: RowSource = source_class(reader)(
             dataset,
             rank,
@@ -138,6 +133,11 @@ class ShardLoader:
             **reader_options,
         )
         self._steps, self._budget = _equal_steps(self._source.rank_rows, batch_size, drop_last)
+        if not drop_last and self._source.rank_rows[rank] == 0:
+            # A split with fewer rows than ranks: this rank has no row to pad with, so it yields
+            # no batch (its len() is 0) and adds nothing to sums over ranks; callers that run
+            # collectives per batch (see the worker's evaluate) even the counts out themselves.
+            self._steps, self._budget = 0, 0
         default_rows = _BUFFER_BYTES // (4 * (m.feature_dim + 1))
         self.shuffle_buffer_rows = shuffle_buffer_rows or max(
             2 * batch_size, min(_BUFFER_MAX_ROWS, default_rows)

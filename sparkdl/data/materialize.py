@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sparkdl import storage
+from sparkdl.columns import quote_column
+from sparkdl.data.bad_input import ON_INVALID, check_on_invalid, drop_nonfinite, read_input
 from sparkdl.data.dataset import ShardedDataset
 from sparkdl.data.manifest import FORMAT_VERSION, FileEntry, Manifest, ShardEntry
 from sparkdl.data.shard_jobs import (
@@ -52,7 +54,6 @@ __all__ = ["materialize", "MODES", "ON_INVALID", "check_on_invalid", "default_ro
 log = logging.getLogger("sparkdl")
 
 MODES = ("error", "overwrite", "reuse")
-ON_INVALID = ("error", "skip")
 _MAX_ROW_GROUP_ROWS = 1 << 16
 _ROW_GROUPS_PER_SHARD = 8
 
@@ -85,6 +86,14 @@ class _Layout:
     @property
     def columns(self) -> list[str]:
         return [name for name, _ in self.features] + [self.label_col]
+
+    @property
+    def positional(self) -> list[str]:
+        """What the converted DataFrame calls ``columns``: ``_c0``, ``_c1``, ... Spark's jobs
+        never resolve a user's column name (``mapInArrow`` resolves every column by name, which
+        fails for names with dots or duplicates, and a user column may be named like sparkdl's
+        internal ones); the executors put the real names back before anything is written."""
+        return [f"_c{i}" for i in range(len(self.columns))]
 
 
 def materialize(
@@ -144,10 +153,11 @@ def materialize(
         )
     converted = _convert(df, layout, params.validation_col)
     if on_invalid == "skip":
-        converted = _drop_nonfinite(converted, layout)
+        kinds = [kind for _, kind in layout.features] + ["scalar"]
+        converted = drop_nonfinite(converted, layout.positional, kinds)
     converted = converted.persist()
     try:
-        scan = _read_input(lambda: _scan(converted, layout, params))
+        scan = read_input(lambda: _scan(converted, layout, params))
         counts = _check_scan(scan, layout, params)
         plan_hash = _plan_hash(params, layout, converted, scan)
         if exists and mode == "reuse":
@@ -155,7 +165,7 @@ def materialize(
         if exists:
             log.info("sparkdl: overwriting dataset at %s", uri)
             storage.remove_tree(fs, root)
-        records = _write_shards(converted, uri, params, scan, counts)
+        records = _write_shards(converted, uri, params, scan, counts, layout.columns)
     finally:
         converted.unpersist()
     manifest = _build_manifest(params, layout, counts, records, plan_hash, scan)
@@ -315,8 +325,14 @@ def _plan_columns(df: DataFrame, params: _Params) -> _Layout:
     return _Layout(tuple(features), params.label_col, label)
 
 
-def _quoted(name: str) -> str:
-    return "`" + name.replace("`", "``") + "`"
+def _real_names(converted: DataFrame, layout: _Layout) -> Any:
+    """The converted schema with the user's column names (what the plan hash records)."""
+    from pyspark.sql import types as T
+
+    real = dict(zip(layout.positional, layout.columns))
+    return T.StructType(
+        [T.StructField(real.get(f.name, f.name), f.dataType, f.nullable) for f in converted.schema]
+    )
 
 
 def _convert(df: DataFrame, layout: _Layout, validation_col: str | None = None) -> DataFrame:
@@ -324,18 +340,19 @@ def _convert(df: DataFrame, layout: _Layout, validation_col: str | None = None) 
     from pyspark.sql import functions as F
 
     exprs = []
-    for name, kind in layout.features:
-        col = F.col(_quoted(name))
+    names = layout.positional
+    for (name, kind), alias in zip(layout.features, names):
+        col = F.col(quote_column(name))
         if kind == "scalar":
-            exprs.append(col.cast("float").alias(name))
+            exprs.append(col.cast("float").alias(alias))
         elif kind == "array":
-            exprs.append(col.cast("array<float>").alias(name))
+            exprs.append(col.cast("array<float>").alias(alias))
         else:
-            exprs.append(vector_to_array(col, "float32").alias(name))
+            exprs.append(vector_to_array(col, "float32").alias(alias))
     label_sql = "bigint" if layout.label_type == "int64" else "float"
-    exprs.append(F.col(_quoted(layout.label_col)).cast(label_sql).alias(layout.label_col))
+    exprs.append(F.col(quote_column(layout.label_col)).cast(label_sql).alias(names[-1]))
     if validation_col:
-        exprs.append(F.coalesce(F.col(_quoted(validation_col)), F.lit(False)).alias(FLAG))
+        exprs.append(F.coalesce(F.col(quote_column(validation_col)), F.lit(False)).alias(FLAG))
     return df.select(*exprs)
 
 
@@ -353,14 +370,16 @@ class _Scan:
 
 def _scan(converted: DataFrame, layout: _Layout, params: _Params) -> _Scan:
     schema = "partition int, rows long, validation_rows long, stats string, digest string"
-    fn = scan_partition(layout.columns, params.seed, params.validation_fraction)
+    fn = scan_partition(layout.positional, params.seed, params.validation_fraction)
     converted.sparkSession.sparkContext.setJobDescription("sparkdl materialize: scan")
     rows = sorted(converted.mapInArrow(fn, schema).collect(), key=lambda r: r["partition"])
     stats: dict[str, dict[str, Any]] = {
         c: {"nulls": 0, "nonfinite": 0, "lengths": set()} for c in layout.columns
     }
+    real = dict(zip(layout.positional, layout.columns))
     for r in rows:
-        for c, s in json.loads(r["stats"]).items():
+        for position, s in json.loads(r["stats"]).items():
+            c = real[position]
             stats[c]["nulls"] += s["nulls"]
             stats[c]["nonfinite"] += s["nonfinite"]
             stats[c]["lengths"].update(x for x in (s["min_len"], s["max_len"]) if x is not None)
@@ -433,7 +452,7 @@ def _plan_hash(params: _Params, layout: _Layout, converted: DataFrame, scan: _Sc
         "replicas": params.replicas,
         "row_group_rows": params.row_group_rows,
         "layout": [list(f) for f in layout.features] + [layout.label_type],
-        "schema": converted.schema.json(),
+        "schema": _real_names(converted, layout).json(),
         "content": scan.digest,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -461,7 +480,12 @@ def _reuse(uri: str, plan_hash: str) -> ShardedDataset:
 
 
 def _write_shards(
-    converted: DataFrame, uri: str, params: _Params, scan: _Scan, counts: dict[str, int]
+    converted: DataFrame,
+    uri: str,
+    params: _Params,
+    scan: _Scan,
+    counts: dict[str, int],
+    names: list[str],
 ) -> list[dict[str, Any]]:
     offsets: dict[int, list[int]] = {}
     running = [0, 0]
@@ -474,7 +498,9 @@ def _write_shards(
         params.row_group_rows or default_row_group_rows(math.ceil(counts[s] / params.num_shards))
         for s in splits
     ]
-    route = route_partition(params.num_shards, params.seed, params.validation_fraction, offsets)
+    route = route_partition(
+        params.num_shards, params.seed, params.validation_fraction, offsets, names
+    )
     sc = converted.sparkSession.sparkContext
     sc.setJobDescription("sparkdl materialize: route and write shards")
     pieces = converted.mapInArrow(route, "key int, start long, payload binary").rdd
@@ -528,63 +554,3 @@ def _build_manifest(
         replicas=params.replicas,
         plan_hash=plan_hash,
     )
-
-
-# --- bad input: on_invalid="skip" and unreadable sources (issue 6) ---------------------------
-
-
-def check_on_invalid(on_invalid: Any) -> str:
-    """``on_invalid`` validated: "error" or "skip"."""
-    if on_invalid not in ON_INVALID:
-        raise ConfigError(
-            f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}. Use 'skip' to drop "
-            "rows with NaN/inf values, 'error' to refuse them."
-        )
-    return str(on_invalid)
-
-
-def _drop_nonfinite(converted: DataFrame, layout: _Layout) -> DataFrame:
-    """Rows whose features and label are all finite; nulls are kept (and refused by the scan).
-
-    Logs how many rows were dropped (one extra count over the converted input).
-    """
-    from pyspark.sql import functions as F
-
-    def finite(c: Any) -> Any:
-        return F.coalesce(~F.isnan(c) & (F.abs(c) != float("inf")), F.lit(True))
-
-    conditions = []
-    for name, kind in (*layout.features, (layout.label_col, "scalar")):
-        col = F.col(_quoted(name))
-        conditions.append(finite(col) if kind == "scalar" else F.forall(col, finite))
-    valid = conditions[0]
-    for condition in conditions[1:]:
-        valid = valid & F.coalesce(condition, F.lit(True))
-    flagged = converted.withColumn("__sparkdl_valid", F.coalesce(valid, F.lit(True)))
-    dropped = _read_input(lambda: flagged.filter(~F.col("__sparkdl_valid")).count())
-    if dropped:
-        log.warning("sparkdl: on_invalid='skip' dropped %d row(s) with NaN/inf values", dropped)
-    return flagged.filter(F.col("__sparkdl_valid")).drop("__sparkdl_valid")
-
-
-def _read_input(job: Any) -> Any:
-    """Run a Spark job over the input; a failure to read it (a corrupt or vanished file) becomes
-    a DataError naming the cause instead of a JVM stack trace."""
-    try:
-        return job()
-    except Exception as exc:
-        if type(exc).__module__.startswith("sparkdl"):
-            raise
-        text = str(exc)
-        causes = [
-            line.strip()
-            for line in text.splitlines()
-            if any(k in line for k in ("Parquet", "parquet", "corrupt", "FileNotFound", "EOF"))
-        ]
-        if not causes:
-            raise
-        raise DataError(
-            "the input DataFrame must be readable, got a failure while scanning it: "
-            f"{causes[0][:500]}. Remove or rewrite the corrupt file (or set "
-            "spark.sql.files.ignoreCorruptFiles=true to skip such files)."
-        ) from None

@@ -122,8 +122,11 @@ def scan_partition(columns: list[str], seed: int, fraction: float):
 # --- job 2: route and write ------------------------------------------------------------------
 
 
-def route_partition(num_shards: int, seed: int, fraction: float, offsets: dict[int, list[int]]):
-    """Emit (key = split*num_shards + shard, first split row index, Arrow IPC piece) rows."""
+def route_partition(
+    num_shards: int, seed: int, fraction: float, offsets: dict[int, list[int]], names: list[str]
+):
+    """Emit (key = split*num_shards + shard, first split row index, Arrow IPC piece) rows; the
+    pieces carry the user's column ``names`` (the job's own columns are positional)."""
 
     def route(batches):
         from pyspark import TaskContext
@@ -138,6 +141,7 @@ def route_partition(num_shards: int, seed: int, fraction: float, offsets: dict[i
             split = _split_mask(batch, seed, partition, local, fraction).astype(np.int64)
             if FLAG in batch.schema.names:
                 batch = _without_flag(batch)
+            batch = pa.RecordBatch.from_arrays(batch.columns, names=names)
             local += n
             index = np.empty(n, dtype=np.int64)
             for code in (0, 1):

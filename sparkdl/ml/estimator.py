@@ -25,6 +25,7 @@ from pyspark.ml.util import MLReadable, MLWritable
 from sparkdl import storage
 from sparkdl._checks import expect_bool, expect_columns, expect_int, expect_name, expect_number
 from sparkdl.artifacts import RunDirectory
+from sparkdl.columns import quote_column
 from sparkdl.config import (
     CheckpointConfig,
     FaultInjection,
@@ -34,12 +35,11 @@ from sparkdl.config import (
     TrainSpec,
 )
 from sparkdl.data import ShardedDataset, materialize
+from sparkdl.data.bad_input import check_on_invalid, read_input
 from sparkdl.data.manifest import MANIFEST_NAME
-from sparkdl.data.materialize import check_on_invalid
 from sparkdl.errors import ConfigError, DataError
 from sparkdl.launch.launcher import job_description, spark_job_phase
 from sparkdl.launch.progress import RunMonitor
-from sparkdl.ml.columns import quote_column
 from sparkdl.ml.model import OUTPUT_PARAMS, TorchModel, check_output_params
 from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_dict, as_list, with_params
 from sparkdl.ml.persistence import ParamsPersistence
@@ -251,6 +251,30 @@ class TorchEstimator(
                 "Set validation_fraction or validation_col (or materialize with one)"
             )
 
+    def _check_split_sizes(self, dataset: ShardedDataset, num_workers: int) -> None:
+        """Right after the dataset is written, before any worker starts: every worker must get
+        at least one full training batch per epoch, and early stopping needs validation rows.
+        (A validation split smaller than num_workers or than one batch is fine: ranks without
+        rows add nothing to its sums.)"""
+        rows, batch = dataset.num_rows, self.get("batch_size")
+        if rows < num_workers:
+            raise DataError(
+                f"training rows must be at least num_workers, got {rows} rows for "
+                f"{num_workers} workers. Use fewer workers or more data"
+            )
+        if dataset.steps_per_epoch(num_workers, batch) == 0:
+            per_worker = rows // num_workers
+            raise DataError(
+                f"batch_size must be at most the training rows each worker gets ({rows} rows / "
+                f"{num_workers} workers = {per_worker}), got {batch}: no worker would get one "
+                f"full batch. Use batch_size={max(1, per_worker)} or fewer workers"
+            )
+        if self.get("early_stopping_patience") and not dataset.num_rows_of("validation"):
+            raise DataError(
+                "the validation split must have rows for early stopping, got 0 rows. Raise "
+                "validation_fraction, or mark more rows in validation_col"
+            )
+
     def _check_labels(self, data: DataFrame | ShardedDataset) -> None:
         """Class-index losses need whole, non-negative labels: refuse others before launch.
 
@@ -308,11 +332,7 @@ class TorchEstimator(
             with spark_job_phase(spark.sparkContext, job_description(run_name, "materialize")):
                 dataset = self._dataset(data, run, resuming)
             timings["materialize_s"] = time.perf_counter() - start
-            if dataset.num_rows < num_workers:
-                raise DataError(
-                    f"training rows must be at least num_workers, got {dataset.num_rows} rows for "
-                    f"{num_workers} workers. Use fewer workers or more data"
-                )
+            self._check_split_sizes(dataset, num_workers)
             spec = TrainSpec(
                 model=configs.model,
                 dataset_path=dataset.path,
@@ -396,24 +416,31 @@ class TorchEstimator(
 
 
 def _bad_class_label_in_frame(df: DataFrame, label: str) -> Any:
-    """A label value of ``df`` that is no class index (fractional, negative, NaN), or None."""
+    """A finite label value of ``df`` that is no class index (fractional, negative), or None.
+
+    NaN/inf and a missing or non-numeric column are left to materialize, which refuses them
+    (or drops them with ``on_invalid="skip"``) with its own messages.
+    """
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
+    if label not in df.columns:
+        return None
     column = F.col(quote_column(label))
     kind = df.schema[label].dataType
     if isinstance(kind, T.IntegralType):
         bad = column < 0
     elif isinstance(kind, T.FractionalType):
-        bad = F.isnan(column) | (column < 0) | (column != F.floor(column))
+        finite = ~F.isnan(column) & (F.abs(column) != float("inf"))
+        bad = finite & ((column < 0) | (column % 1 != 0))  # % not floor: no overflow
     else:
-        return None  # not numeric: materialize refuses it with its own message
-    row = df.filter(bad).select(column).limit(1).collect()
+        return None
+    row = read_input(lambda: df.filter(bad).select(column).limit(1).collect())
     return row[0][0] if row else None
 
 
 def _bad_class_label_in_dataset(dataset: ShardedDataset) -> Any:
-    """A label value of the dataset's train split that is no class index, or None."""
+    """A finite label value of the dataset's train split that is no class index, or None."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -424,7 +451,8 @@ def _bad_class_label_in_dataset(dataset: ShardedDataset) -> Any:
             storage.join(root, entry.path), columns=[manifest.label_col], filesystem=fs
         ).column(0)
         array = values.to_numpy(zero_copy_only=False).astype(np.float64)
-        bad = np.isnan(array) | (array < 0) | (array != np.floor(array))
+        with np.errstate(invalid="ignore"):  # NaN/inf: left to materialize, as above
+            bad = np.isfinite(array) & ((array < 0) | (array % 1 != 0))
         if bad.any():
             return float(array[bad][0])
     return None

@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from sparkdl.columns import quote_column
 from sparkdl.errors import ConfigError, DataError
-from sparkdl.ml.columns import quote_column
 from sparkdl.train.components import prediction_of
 
 if TYPE_CHECKING:

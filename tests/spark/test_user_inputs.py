@@ -179,3 +179,46 @@ def test_a_model_from_a_module_executors_cannot_import_fails_once(indexed, tmp_p
         assert len(attempts) == 1 and time.monotonic() - start < 120
     finally:
         sys.modules.pop("helper_nb", None)
+
+
+def test_any_column_name_spark_accepts_works_in_fit_and_transform(spark_local, tmp_path):
+    names = [
+        "sensor.temp",
+        "wind speed",
+        "température",
+        "__sparkdl_validation__",
+        "__sparkdl_valid",
+    ]
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(ROWS, len(names))).astype(float)
+    rows = [(*map(float, x[i]), int(x[i, 0] > 0), bool(i % 4 == 0)) for i in range(ROWS)]
+    schema = ", ".join(f"`{n}` double" for n in names) + ", `label.y` int, `is val` boolean"
+    df = spark_local.createDataFrame(rows, schema)
+    model = estimator(
+        tmp_path / "run",
+        model=lambda: torch.nn.Linear(len(names), 2),
+        feature_cols=names,
+        label_col="label.y",
+        validation_col="is val",
+        epochs=3,
+        batch_size=8,
+    ).fit(df)
+    assert "validation/loss" in model.summary["metrics"]
+    scored = model.transform(df)
+    assert scored.columns == df.columns + ["prediction"]
+    assert scored.filter(F.col("prediction").isNull()).count() == 0
+
+
+def test_small_splits_work_or_are_refused_before_training(indexed, tmp_path):
+    # one validation row for two workers, smaller than a batch: trains, validates on that row
+    one = indexed.withColumn("val", F.col("id") == 3)
+    model = estimator(tmp_path / "one", validation_col="val", epochs=2).fit(one)
+    assert "validation/loss" in model.summary["metrics"]
+    # a batch larger than each worker's rows: refused right after the dataset is written
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"batch_size must be at most .* = 64\), got 100"):
+        estimator(tmp_path / "big", batch_size=100).fit(indexed)
+    assert time.monotonic() - start < 90
+    assert RunDirectory(str(tmp_path / "big")).summary()["attempts"] == []  # no worker started
+    with pytest.raises(DataError, match=r"at least num_shards \(2\) training rows, got 1"):
+        estimator(tmp_path / "tiny").fit(indexed.limit(1))

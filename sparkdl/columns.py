@@ -1,4 +1,4 @@
-"""[driver] Column names as Spark SQL needs them: any name Spark accepts, quoted.
+"""[any] Column names as Spark SQL needs them: any name Spark accepts, quoted.
 
 ``F.col("sensor.temp")`` reads the field ``temp`` of a struct ``sensor``; a column whose name has
 a dot, a space or a backtick must be quoted with backticks (a backtick inside doubled).
