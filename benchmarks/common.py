@@ -54,7 +54,7 @@ def build_dataset(rows: int, root: str) -> str:
         pass
     from pyspark.sql import functions as F
 
-    spark = local_spark_session("local[2]", app_name="sparkdl-benchmark")
+    spark = local_spark_session("local[2]", app_name="sparkdl-benchmark", ui=False)
     cols = [F.rand(seed=i).cast("float").alias(f"f{i}") for i in range(FEATURES)]
     df = spark.range(0, rows, numPartitions=8).select(*cols, (F.col("id") % 10).alias("label"))
     start = time.perf_counter()
@@ -78,7 +78,7 @@ def spark_session(module: str) -> Any:
     from sparkdl.testing import local_spark_session
 
     cloudpickle.register_pickle_by_value(sys.modules[module])
-    return local_spark_session("local[2]", app_name="sparkdl-benchmark")
+    return local_spark_session("local[2]", app_name="sparkdl-benchmark", ui=False)
 
 
 def machine() -> str:

@@ -164,7 +164,7 @@ def inference_markdown(rows: int, args, best: dict[str, float], load: str) -> st
 def run_inference(args: argparse.Namespace) -> None:
     from sparkdl.testing import local_spark_session
 
-    spark = local_spark_session(args.master, app_name="sparkdl-benchmark-inference")
+    spark = local_spark_session(args.master, app_name="sparkdl-benchmark-inference", ui=False)
     os.makedirs(args.data_dir, exist_ok=True)
     df = _inference_data(spark, args.rows, args.features, args.data_dir)
     rows = df.count()

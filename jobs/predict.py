@@ -13,7 +13,14 @@ from __future__ import annotations
 import sys
 
 import sparkdl
-from sparkdl.cli import load_config, parse_args, read_input, saved_model_path, spark_session_for_job
+from sparkdl.cli import (
+    load_config,
+    parse_args,
+    read_input,
+    run_job,
+    saved_model_path,
+    spark_session_for_job,
+)
 
 
 def main(argv=None) -> int:
@@ -42,4 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -9,12 +9,13 @@ its path last, for jobs/train.py (which trains from data.dataset when it is set)
 
 from __future__ import annotations
 
+import datetime
 import sys
 
 from pyspark.sql import functions as F
 
 import sparkdl
-from sparkdl.cli import load_config, parse_args, read_input, spark_session_for_job
+from sparkdl.cli import load_config, parse_args, read_input, run_job, spark_session_for_job
 from sparkdl.columns import quote_column
 
 
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
         else F.col(quote_column(c))
         for c in columns
     ]
+    started = datetime.datetime.now(datetime.timezone.utc)
     dataset = sparkdl.materialize(
         df.select(*selected),
         data["dataset"],
@@ -52,10 +54,12 @@ def main(argv=None) -> int:
         validation_fraction=data["validation_fraction"],
         validation_col=data["validation_col"] or None,
     )
-    print(f"dataset: {dataset.manifest.splits} rows, {dataset.manifest.num_shards} shards")
+    written = datetime.datetime.fromisoformat(dataset.manifest.created)
+    how = "reused (unchanged input)" if written < started else "written"
+    print(f"dataset {how}: {dataset.manifest.splits} rows, {dataset.manifest.num_shards} shards")
     print(dataset.path)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -19,6 +19,7 @@ from sparkdl.cli import (
     load_config,
     parse_args,
     read_input,
+    run_job,
     saved_model_path,
     spark_session_for_job,
 )
@@ -40,9 +41,10 @@ def main(argv=None) -> int:
     )
     model = estimator.fit(source)
     summary = model.summary
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(summary["metrics"].items()))
     print(
         f"training: {summary['status']} in {summary['timings']['total_s']:.1f} s, "
-        f"{summary['epochs_run']} epochs, final metrics {summary['metrics']}"
+        f"{summary['epochs_run']} epochs; {metrics}"
     )
     writer = model.write().overwrite() if run["mode"] == "overwrite" else model.write()
     writer.save(saved_model_path(config))
@@ -63,4 +65,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -1,6 +1,14 @@
-"""[any] sparkdl: train PyTorch models on Spark data. Public API only; no logic here.
+"""Train PyTorch models on Spark data.
 
-Names load on first use, so a worker process that imports sparkdl.train never loads pyspark.
+sparkdl shards a Spark DataFrame into Parquet (``materialize``), starts one torch worker per
+task of a barrier-mode Spark stage (``Distributor``), trains with DistributedDataParallel or
+another strategy behind one switch (``sparkdl.sync``), and hands back Spark artifacts: a
+``TorchModel`` whose ``transform(df)`` predicts in batches, metrics as a DataFrame, and a run
+directory (checkpoints, model, plots, run.json) on any storage the cluster shares. Start with
+``sparkdl.TorchEstimator`` (``help(sparkdl.TorchEstimator)`` lists every parameter).
+
+Zone: [any] (the public API only, no logic; names load on first use, so a worker process that
+imports sparkdl.train never loads pyspark).
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from sparkdl import storage
 from sparkdl.errors import ConfigError
+from sparkdl.rundir.checkpoints import list_complete
 from sparkdl.rundir.layout import RunLayout
+from sparkdl.rundir.model_dir import STATE_FILE
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -87,14 +89,25 @@ class RunDirectory:
                     f"run_dir must hold a sparkdl run (run.json) to resume, got {self.path!r} "
                     "without one. Choose the run's directory, or an empty one"
                 )
-            elif not overwrite:
+            elif overwrite:
+                storage.delete(layout.root)
+            elif self._never_trained(names):
+                log.info("sparkdl: replacing %s: the run there never trained a step", self.path)
+                storage.delete(layout.root)
+            elif not storage.path_exists(layout.run_file):
                 raise ConfigError(
-                    f"run_dir must be empty or new, got the existing directory {self.path!r}. "
-                    "Pass resume=True to continue the run in it, overwrite=True to replace it, "
-                    "or choose another run_dir"
+                    f"run_dir must be new, empty or a sparkdl run's directory, got {self.path!r} "
+                    "holding other files. Choose another run_dir, or pass overwrite=True to "
+                    "delete them"
                 )
             else:
-                storage.delete(layout.root)
+                resumable = bool(list_complete(layout.root))
+                raise ConfigError(
+                    f"run_dir must be new, empty or hold a run that never trained, got "
+                    f"{self.path!r} with a run that trained. "
+                    + ("Pass resume=True to continue it from its checkpoint, " if resumable else "")
+                    + "Pass overwrite=True to replace it, or choose another run_dir"
+                )
         storage.check_writable(layout.root, "run_dir")
         if resuming:
             try:
@@ -102,6 +115,18 @@ class RunDirectory:
             except (OSError, ValueError):
                 self._record = {}
         return resuming
+
+    def _never_trained(self, names: list[str]) -> bool:
+        """A sparkdl run (run.json) with no weights, no metric rows and no checkpoint: a fit
+        refused or failed before its first step. Such a directory never blocks a new run."""
+        layout = self.layout
+        if not names or not storage.path_exists(layout.run_file):
+            return False
+        return (
+            not storage.list_dir(layout.metrics_dir)
+            and not list_complete(layout.root)
+            and not storage.path_exists(storage.join(layout.model_dir, STATE_FILE))
+        )
 
     @property
     def next_attempt(self) -> int:
@@ -152,7 +177,11 @@ class RunDirectory:
         self._write()
 
     def _write(self) -> None:
-        data = json.dumps(self._record, indent=2, sort_keys=True, default=str).encode()
+        record = dict(self._record)
+        for key, value in self._record.items():  # every *_at time (Unix s) also in ISO 8601, UTC
+            if key.endswith("_at") and isinstance(value, (int, float)):
+                record[f"{key}_utc"] = _iso(value)
+        data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
         storage.write_file(self.layout.run_file, data)
 
     def summary(self) -> dict[str, Any]:
@@ -160,19 +189,26 @@ class RunDirectory:
         return json.loads(storage.read_file(self.layout.run_file))
 
     def metrics_df(self, spark: SparkSession) -> DataFrame:
-        """The metrics as a Spark DataFrame (epoch, step, split, name, value, wall_time).
+        """The metrics as a Spark DataFrame ordered by (epoch, step): epoch, step, split, name,
+        value, wall_time (a timestamp).
 
         Spark reads them itself where its Hadoop filesystem knows the scheme; otherwise (say
         ``s3://`` on a Spark without the S3A jars) pyarrow reads them and hands them to Spark.
         """
+        from pyspark.sql import functions as F
+
         uri = self.layout.metrics_dir
         if storage.is_local(uri):
-            return spark.read.parquet(uri)
-        try:
-            return spark.read.parquet(uri)
-        except Exception as exc:  # no Hadoop FileSystem for the scheme, or not configured
-            log.info("sparkdl: Spark cannot read %s (%s); reading it with pyarrow", uri, exc)
-            return spark.createDataFrame(read_metrics(uri).to_pandas())
+            frame = spark.read.parquet(uri)
+        else:
+            try:
+                frame = spark.read.parquet(uri)
+            except Exception as exc:  # no Hadoop FileSystem for the scheme, or not configured
+                log.info("sparkdl: Spark cannot read %s (%s); reading it with pyarrow", uri, exc)
+                frame = spark.createDataFrame(read_metrics(uri).to_pandas())
+        return frame.withColumn("wall_time", F.timestamp_seconds("wall_time")).orderBy(
+            "epoch", "step", "split", "name"
+        )
 
     def write_plots(self, best_epoch: int | None = None) -> list[str]:
         """PNG plots of the per-epoch metrics under plots/; the paths written."""
@@ -200,13 +236,16 @@ def epoch_metrics(metrics_dir: str) -> dict[str, dict[str, dict[int, float]]]:
     for epoch, split, name, value in zip(*columns):
         if name in PLOTTED:
             out.setdefault(name, {}).setdefault(split, {})[epoch] = value
+    if "mse" in out and out.get("loss") == out["mse"]:  # loss="mse": one plot says it all
+        del out["mse"]
     return out
 
 
 def plot_epochs(
     rows: dict[str, dict[str, dict[int, float]]], plots_dir: str, best_epoch: int | None = None
 ) -> list[str]:
-    """One PNG per metric under ``plots_dir`` (any URI): each split's value per epoch.
+    """One PNG per metric under ``plots_dir`` (any URI): each split's value per epoch (epochs
+    numbered from 1 on the axis), on a log scale when the values span more than two decades.
 
     matplotlib is imported only here (no pyplot, so the caller's backend is left alone).
     """
@@ -220,10 +259,13 @@ def plot_epochs(
         fig = Figure(figsize=(6, 4))
         ax = fig.add_subplot()
         for split, values in sorted(splits.items()):
-            epochs = sorted(values)
-            ax.plot(epochs, [values[e] for e in epochs], marker="o", label=split)
+            epochs = sorted(values)  # 1-based on the axis, like every epoch a user reads
+            ax.plot([e + 1 for e in epochs], [values[e] for e in epochs], marker="o", label=split)
         if best_epoch is not None:
-            ax.axvline(best_epoch, color="grey", linestyle="--", label=f"kept (epoch {best_epoch})")
+            kept = best_epoch + 1
+            ax.axvline(kept, color="grey", linestyle="--", label=f"kept (epoch {kept})")
+        if _spans_decades([v for values in splits.values() for v in values.values()]):
+            ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.set_title(f"{name} per epoch")
@@ -235,3 +277,16 @@ def plot_epochs(
         storage.write_file(path, buffer.getvalue())
         written.append(path)
     return written
+
+
+def _spans_decades(values: list[float]) -> bool:
+    positive = [v for v in values if v > 0]
+    return len(positive) == len(values) > 1 and max(positive) > 100 * min(positive)
+
+
+def _iso(seconds: float) -> str:
+    """Unix seconds as an ISO 8601 UTC time, e.g. ``2026-11-30T06:12:54.120Z``."""
+    import datetime
+
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

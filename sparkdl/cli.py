@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "load_config",
     "parse_args",
     "read_input",
+    "run_job",
     "saved_model_path",
     "spark_session_for_job",
     "training_defaults",
@@ -203,9 +205,25 @@ def saved_model_path(config: dict[str, Any]) -> str:
     return config["run"]["model_path"] or RunLayout(config["run"]["run_dir"]).spark_model_dir
 
 
+def config_keys_help() -> str:
+    """Every config key with its default, one line each, by section (for ``--help``)."""
+    lines = ["config keys (TOML sections, or --set section.key=value), with their defaults:"]
+    for section, keys in DEFAULTS.items():
+        lines.append(f"  [{section}]")
+        for key, value in keys.items():
+            shown = json.dumps(value) if isinstance(value, (bool, str, list)) else repr(value)
+            lines.append(f"    {key} = {shown}")
+    lines.append("see README.md, 'Job configuration keys', for what each one means")
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
     """The jobs' shared command line: ``--config FILE`` and repeated ``--set key=value``."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=config_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="TOML config file")
     parser.add_argument(
         "--set",
@@ -231,3 +249,24 @@ def spark_session_for_job(config: dict[str, Any]) -> Any:
     from sparkdl.testing import local_spark_session
 
     return local_spark_session(config["spark"]["master"], app_name=config["spark"]["app_name"])
+
+
+_JOB_SWITCHES = (
+    ("overwrite=True", "--set run.mode=overwrite"),
+    ("resume=True", "--set run.mode=resume"),
+)
+
+
+def run_job(main: Any, argv: Sequence[str] | None = None) -> int:
+    """Run a job's ``main``; a ConfigError or DataError (bad input: the user's to fix) prints as
+    one message naming the job's own switches instead of a traceback, with exit status 2."""
+    from sparkdl.errors import DataError
+
+    try:
+        return int(main(argv))
+    except (ConfigError, DataError) as exc:
+        message = str(exc)
+        for keyword, switch in _JOB_SWITCHES:
+            message = message.replace(keyword, switch)
+        sys.stderr.write(f"error: {message}\n")
+        return 2

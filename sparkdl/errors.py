@@ -108,6 +108,18 @@ class WorkerGroupError(SparkdlError):
     def ranks(self) -> list[int]:
         return [f.rank for f in self.failures]
 
+    @property
+    def headline(self) -> str:
+        """One line for logs: how many ranks failed and the first one's error, e.g.
+        ``2 rank(s) failed; rank 1: RuntimeError: boom``."""
+        if not self.failures:
+            return (self.detail or "the worker group failed").splitlines()[0][:300]
+        first = self.failures[0]
+        message = (first.message.strip().splitlines() or [""])[0][:300]
+        return (
+            f"{len(self.failures)} rank(s) failed; rank {first.rank}: {first.exc_type}: {message}"
+        )
+
     def __reduce__(self):  # keep the failures when pickled
         return (type(self), (self.failures, self.detail))
 

@@ -35,11 +35,15 @@ def local_spark_session(
     master: str = "local[2]",
     app_name: str = "sparkdl",
     conf: dict[str, str] | None = None,
+    *,
+    ui: bool = True,
 ) -> SparkSession:
     """A SparkSession on this machine, bound to loopback, with executors on ``sys.executable``.
 
     ``master`` may be ``local[N]``, ``local-cluster[N,C,M]`` or a ``spark://`` URL.
     Reuses a running session with the same master; extra ``conf`` is applied on creation.
+    ``ui`` starts the Spark UI (http://127.0.0.1:4040, where sparkdl's jobs carry the run's name
+    and phase); tests and benchmarks turn it off.
     """
     os.environ.setdefault("SPARK_LOCAL_IP", LOOPBACK)
     os.environ["PYSPARK_PYTHON"] = sys.executable
@@ -61,7 +65,7 @@ def local_spark_session(
         .appName(app_name)
         .config("spark.driver.host", LOOPBACK)
         .config("spark.driver.bindAddress", LOOPBACK)
-        .config("spark.ui.enabled", "false")
+        .config("spark.ui.enabled", "true" if ui else "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", "4")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
@@ -145,7 +149,9 @@ def classification_frame(
     )
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(rows, features)).astype(np.float32)
-    y = sum((x[:, j] > 0.5 * j).astype(int) for j in range(classes - 1))
+    y = np.zeros(rows, dtype=np.int64)
+    for j in range(classes - 1):
+        y += x[:, j] > 0.5 * j
     data = [(x[i].tolist(), int(y[i])) for i in range(rows)]
     frame = spark.createDataFrame(data, "features array<float>, label int")
     return frame if partitions is None else frame.repartition(partitions)

@@ -21,7 +21,7 @@ def spark_local():
     """A ``local[2]`` SparkSession bound to loopback (reused across modules while it lives)."""
     from sparkdl.testing import local_spark_session
 
-    return local_spark_session("local[2]", app_name="sparkdl-tests")
+    return local_spark_session("local[2]", app_name="sparkdl-tests", ui=False)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,9 @@ def spark_local_cluster():
     """
     from sparkdl.testing import local_spark_session
 
-    return local_spark_session("local-cluster[2,1,1024]", app_name="sparkdl-tests-cluster")
+    return local_spark_session(
+        "local-cluster[2,1,1024]", app_name="sparkdl-tests-cluster", ui=False
+    )
 
 
 @pytest.fixture(scope="session")

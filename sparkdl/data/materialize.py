@@ -161,7 +161,7 @@ def materialize(
         counts = _check_scan(scan, layout, params)
         plan_hash = _plan_hash(params, layout, converted, scan)
         if exists and mode == "reuse":
-            return _reuse(uri, plan_hash)
+            return _reuse(uri, plan_hash, params)
         if exists:
             log.info("sparkdl: overwriting dataset at %s", uri)
             storage.remove_tree(fs, root)
@@ -458,7 +458,7 @@ def _plan_hash(params: _Params, layout: _Layout, converted: DataFrame, scan: _Sc
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _reuse(uri: str, plan_hash: str) -> ShardedDataset:
+def _reuse(uri: str, plan_hash: str, params: _Params) -> ShardedDataset:
     try:
         dataset = ShardedDataset.load(uri)
     except DataError as e:
@@ -469,11 +469,38 @@ def _reuse(uri: str, plan_hash: str) -> ShardedDataset:
     if dataset.manifest.plan_hash != plan_hash:
         raise ConfigError(
             f"dataset at {uri!r} must match this DataFrame and these parameters for "
-            f"mode='reuse', got plan hash {dataset.manifest.plan_hash[:12]} vs {plan_hash[:12]}. "
+            f"mode='reuse', got a different {_what_changed(dataset.manifest, params)}. "
             "Pass mode='overwrite' to rebuild it, or choose another path."
         )
     log.info("sparkdl: reusing dataset at %s (plan hash %s)", uri, plan_hash[:12])
     return dataset
+
+
+def _what_changed(manifest: Any, params: _Params) -> str:
+    """Which materialize input differs from the one that wrote ``manifest``."""
+    was = {
+        "feature_cols": list(manifest.feature_cols),
+        "label_col": manifest.label_col,
+        "num_shards": manifest.num_shards,
+        "seed": manifest.seed,
+        "validation_fraction": manifest.validation_fraction,
+        "replicas": manifest.replicas,
+    }
+    now = {
+        "feature_cols": list(params.feature_cols),
+        "label_col": params.label_col,
+        "num_shards": params.num_shards,
+        "seed": params.seed,
+        "validation_fraction": params.validation_fraction,
+        "replicas": params.replicas,
+    }
+    changed = [f"{k} ({was[k]!r} then, {now[k]!r} now)" for k in was if was[k] != now[k]]
+    if changed:
+        return "parameter: " + ", ".join(changed)
+    return (
+        "DataFrame: its rows, values, column types or validation_col flags changed since the "
+        "dataset was written"
+    )
 
 
 # --- job 2: route and write (the executors run shard_jobs.route/write_partition) ------------------

@@ -2,13 +2,14 @@
 
 A :class:`RunMonitor` is the sink of one launch's driver channel (``sparkdl.channel``):
 
-- a log frame becomes the line ``[rank N] message`` on the ``sparkdl.workers`` logger, at the
-  worker's level, and, with a ``log_dir``, a line in ``log_dir/rank-N.log``. The driver writes
+- a log frame becomes the line ``[rank N] message`` on the ``sparkdl.workers`` logger (at the
+  worker's level for warnings and errors, at DEBUG below that: a quiet driver), and, with a
+  ``log_dir``, a line in ``log_dir/rank-N.log`` whatever its level. The driver writes
   these files, so they land in the run directory wherever the workers ran: appended line by
   line on a local (or mounted) run directory; on an object store (no appends there) kept in
   memory, at most ``_REMOTE_LOG_LINES`` per rank, and uploaded whole when the launch ends;
 - progress frames (the chief sends them) drive a tqdm bar (``tqdm.auto``: a widget in
-  notebooks) with epoch, step/total, loss, samples/s and ETA when the driver is interactive (a
+  notebooks with ipywidgets installed, the ``notebook`` extra; a text bar without it) with epoch, step/total, loss, samples/s and ETA when the driver is interactive (a
   notebook, or stderr is a terminal); otherwise an INFO line on the ``sparkdl.progress`` logger
   at most every ``log_interval_s`` and at the end of every epoch.
 
@@ -26,11 +27,12 @@ import os
 import sys
 import threading
 import time
+import warnings
 from typing import Any, TextIO
 
 from sparkdl import storage
 
-__all__ = ["RunMonitor", "format_progress", "is_interactive"]
+__all__ = ["RunMonitor", "SparkPhaseProgress", "format_progress", "is_interactive"]
 
 log = logging.getLogger("sparkdl")
 workers_log = logging.getLogger("sparkdl.workers")
@@ -115,14 +117,7 @@ class RunMonitor:
 
     def start(self) -> RunMonitor:
         """Make sure worker lines and progress lines are shown somewhere (see module doc)."""
-        if not workers_log.hasHandlers():
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            for logger in (workers_log, progress_log):
-                self._restore.append((logger, handler, logger.level))
-                logger.addHandler(handler)
-                if logger.getEffectiveLevel() > logging.INFO:
-                    logger.setLevel(logging.INFO)
+        self._restore = _show_on_stderr()
         return self
 
     def handle(self, frame: dict[str, Any]) -> None:
@@ -143,7 +138,9 @@ class RunMonitor:
         msg = str(frame.get("msg", ""))
         prefix = f"[rank {rank}] "
         msg = msg.removeprefix(prefix)  # some worker messages name their rank already
-        workers_log.log(level, "%s%s", prefix, msg)
+        # A quiet driver: the bar (or a line per epoch) shows progress; a worker's INFO lines
+        # go to DEBUG here, and whole to logs/rank-N.log; its warnings and errors show as such.
+        workers_log.log(level if level >= logging.WARNING else logging.DEBUG, "%s%s", prefix, msg)
         if self.log_dir is None:
             return
         when = frame.get("time")
@@ -205,11 +202,11 @@ class RunMonitor:
             from tqdm.auto import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self._redirect = logging_redirect_tqdm(
-                loggers=[logging.getLogger(), log, workers_log, progress_log]
-            )
+            self._redirect = logging_redirect_tqdm(loggers=_console_loggers())
             self._redirect.__enter__()
-            self._bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=True)
+            with warnings.catch_warnings():  # a notebook without ipywidgets: a text bar, quietly
+                warnings.simplefilter("ignore")
+                self._bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=True)
         bar = self._bar
         epoch, epochs = int(frame.get("epoch", 0)), int(frame.get("epochs", 1))
         bar.set_description(f"{self.name} epoch {epoch + 1}/{epochs}", refresh=False)
@@ -243,7 +240,131 @@ class RunMonitor:
             self._files.clear()
             if self._remote_lines:
                 self._upload_logs()
-            for logger, handler, level in self._restore:
-                logger.removeHandler(handler)
-                logger.setLevel(level)
-            self._restore.clear()
+            _restore(self._restore)
+            self._restore = []
+
+
+def _console_loggers() -> list[logging.Logger]:
+    """The loggers on a record's way from ``sparkdl.workers`` to the root that print to a
+    console: only their console handlers go through tqdm. (Redirecting a logger without one
+    gives it a tqdm handler, and a propagating record is then printed once per logger.)"""
+    found = []
+    for logger in (workers_log, progress_log, log, logging.getLogger()):
+        if any(
+            isinstance(h, logging.StreamHandler)
+            and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
+            for h in logger.handlers
+        ):
+            found.append(logger)
+    return found
+
+
+class SparkPhaseProgress:
+    """(driver) Progress of the Spark jobs of one job group (e.g. materialize's), shown like
+    training's: a tqdm bar of tasks done when interactive, else a ``sparkdl.progress`` line at
+    most every ``log_interval_s`` and when the phase ends. Reads the SparkContext's status
+    tracker from a daemon thread once a second; nothing it does can fail the phase.
+
+    Use as a context manager around the phase: ``with SparkPhaseProgress(sc, group, "digits:
+    materialize"): ...``.
+    """
+
+    def __init__(
+        self,
+        sc: Any,
+        group: str,
+        label: str,
+        *,
+        enabled: bool = True,
+        interactive: bool | None = None,
+        log_interval_s: float = 10.0,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.sc, self.group, self.label = sc, group, label
+        self.enabled = enabled
+        self.interactive = is_interactive() if interactive is None else bool(interactive)
+        self.log_interval_s, self.poll_s = log_interval_s, poll_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bar: Any = None
+        self._last_line = 0.0
+        self._shown: tuple[int, int] = (0, 0)
+        self._restore: list[tuple[logging.Logger, logging.Handler, int]] = []
+
+    def __enter__(self) -> SparkPhaseProgress:
+        if self.enabled:
+            self._restore = _show_on_stderr()
+            self._thread = threading.Thread(target=self._run, name="sparkdl-phase", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self._show(final=exc[0] is None)
+            if self._bar is not None:
+                self._bar.close()
+        _restore(self._restore)
+
+    def tasks(self) -> tuple[int, int]:
+        """(tasks done, tasks known) over the group's jobs so far."""
+        tracker = self.sc.statusTracker()
+        done = total = 0
+        for job_id in tracker.getJobIdsForGroup(self.group):
+            job = tracker.getJobInfo(job_id)
+            for stage_id in job.stageIds if job is not None else ():
+                stage = tracker.getStageInfo(stage_id)
+                if stage is not None:
+                    done += stage.numCompletedTasks
+                    total += stage.numTasks
+        return done, total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            with contextlib.suppress(Exception):
+                self._show(final=False)
+
+    def _show(self, final: bool) -> None:
+        done, total = self.tasks()
+        if not total or (done, total) == self._shown and not final:
+            return
+        self._shown = (done, total)
+        if self.interactive:
+            if self._bar is None:
+                from tqdm.auto import tqdm
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self._bar = tqdm(desc=self.label, unit="task", leave=True)
+            self._bar.total = total
+            self._bar.update(max(0, done - self._bar.n))
+            return
+        now = time.monotonic()
+        if final or now - self._last_line >= self.log_interval_s:
+            progress_log.info("%s: %d/%d Spark tasks done", self.label, done, total)
+            self._last_line = now
+
+
+def _show_on_stderr() -> list[tuple[logging.Logger, logging.Handler, int]]:
+    """When nothing shows the workers' and progress loggers' records (no handler anywhere: a
+    bare script or notebook), print them on stderr; returns what :func:`_restore` undoes."""
+    if workers_log.hasHandlers():
+        return []
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    added: list[tuple[logging.Logger, logging.Handler, int]] = []
+    for logger in (workers_log, progress_log):
+        added.append((logger, handler, logger.level))
+        logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+    return added
+
+
+def _restore(added: list[tuple[logging.Logger, logging.Handler, int]]) -> None:
+    for logger, handler, level in added:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -84,7 +84,7 @@ def run_with_restarts(
             log.warning(
                 "sparkdl: attempt %d failed (%s); restarting (%d of %d) from %s",
                 attempt,
-                str(exc).splitlines()[0][:300],
+                exc.headline,
                 tries + 1,
                 max_restarts,
                 f"the checkpoint at step {step}" if step is not None else "the start",

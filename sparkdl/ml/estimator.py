@@ -39,7 +39,7 @@ from sparkdl.data.bad_input import check_on_invalid, read_input
 from sparkdl.data.manifest import MANIFEST_NAME
 from sparkdl.errors import ConfigError, DataError
 from sparkdl.launch.launcher import job_description, spark_job_phase
-from sparkdl.launch.progress import RunMonitor
+from sparkdl.launch.progress import RunMonitor, SparkPhaseProgress
 from sparkdl.ml.model import OUTPUT_PARAMS, TorchModel, check_output_params
 from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_dict, as_list, with_params
 from sparkdl.ml.persistence import ParamsPersistence
@@ -102,6 +102,9 @@ ESTIMATOR_PARAMS: tuple[ParamSpec, ...] = (
     P("on_invalid", "error", "rows with NaN/inf: 'error' refuses them, 'skip' drops them"),
     P("fault_injection", None, "deliberate failures for tests (sparkdl.config.FaultInjection)"),
     P("progress", True, "live progress bar and worker logs on the driver"),
+    P("driver_check", True, "before launch, build the model on the driver and run one forward "
+      "and loss pass on a few training rows (CPU): shape, dtype, label and output mistakes "
+      "become a ConfigError in seconds; False for models too large to build on the driver"),
     *OUTPUT_PARAMS,
 )
 # fmt: on
@@ -131,7 +134,7 @@ def _check_estimator_values(v: dict[str, Any]) -> None:
             f"{v['validation_col']!r} with validation_fraction={fraction}. Use one of them"
         )
     expect_number("collective_timeout_s", v["collective_timeout_s"], "Use e.g. 120", above=0)
-    for name in ("use_gpu", "overwrite", "resume", "progress"):
+    for name in ("use_gpu", "overwrite", "resume", "progress", "driver_check"):
         expect_bool(name, v[name])
     expect_int("max_restarts", v["max_restarts"], "Use 0 to never restart", low=0)
     check_on_invalid(v["on_invalid"])
@@ -329,10 +332,21 @@ class TorchEstimator(
         run.start(self.describe(), world_size=num_workers)
         run_name = run.layout.name
         try:
-            with spark_job_phase(spark.sparkContext, job_description(run_name, "materialize")):
+            phase = job_description(run_name, "materialize")
+            with (
+                spark_job_phase(spark.sparkContext, phase) as group,
+                SparkPhaseProgress(
+                    spark.sparkContext,
+                    group,
+                    f"{run_name}: materialize",
+                    enabled=self.get("progress"),
+                ),
+            ):
                 dataset = self._dataset(data, run, resuming)
             timings["materialize_s"] = time.perf_counter() - start
             self._check_split_sizes(dataset, num_workers)
+            if self.get("driver_check"):
+                check_model_on_driver(configs, dataset, self.get("feature_cols"))
             spec = TrainSpec(
                 model=configs.model,
                 dataset_path=dataset.path,
@@ -376,6 +390,7 @@ class TorchEstimator(
                 "resumed_from_step": chief.resumed_from_step,
                 "epochs_run": chief.epochs,
                 "best_epoch": chief.best_epoch,
+                "last_epoch_metrics": chief.last_metrics,
             },
         )
         run.write_plots(best_epoch=chief.best_epoch)
@@ -470,3 +485,48 @@ def fit_dir_name(params: dict[str, Any]) -> str:
     shown = re.sub(r"[^A-Za-z0-9._=+-]+", "-", shown)[:80].strip("-_")
     suffix = uuid.uuid4().hex[:8]
     return f"fit-{shown}-{suffix}" if shown else f"fit-{suffix}"
+
+
+def check_model_on_driver(configs: _Configs, dataset: ShardedDataset, feature_cols: Any) -> None:
+    """Build the model on the driver's CPU and run one forward and loss pass on a few rows of
+    the training split, as a worker's first step would (no process group, no optimizer step).
+
+    Raises ConfigError naming the batch (shapes, dtypes, columns) and the model's complaint, so
+    a width, dtype, label or output-type mistake surfaces before any task launches.
+    """
+    import torch
+
+    from sparkdl.train.components import build_loss, metric_name, metric_sum
+
+    rows = min(4, dataset.num_rows)
+    loader = dataset.loader(0, 1, batch_size=rows, shuffle=False, prefetch_batches=0)
+    features, labels = next(iter(loader))
+    batch = (
+        f"a batch of {rows} rows: features {tuple(features.shape)} {features.dtype} from "
+        f"{list(feature_cols)}, labels {tuple(labels.shape)} {labels.dtype}"
+    )
+    try:
+        module = configs.model.build()
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"the model must build on the driver for the pre-launch check, got "
+            f"{type(exc).__name__}: {exc}. Fix the factory, or pass driver_check=False if it "
+            "cannot build here (e.g. too large)"
+        ) from exc
+    module.eval()  # one small batch: no dropout, batch norm on its running statistics
+    try:
+        with torch.no_grad():
+            outputs = module(features)
+            build_loss(configs.optim)(outputs, labels)
+            metric_sum(metric_name(configs.optim), outputs, labels)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (found on {batch}, before launch)") from exc
+    except Exception as exc:
+        raise ConfigError(
+            f"the model and loss must accept the training batches, got {type(exc).__name__}: "
+            f"{str(exc).strip()[:500]} on {batch} (checked on the driver before launch). Match "
+            "the model's input width and output to the data and the loss; driver_check=False "
+            "skips this check"
+        ) from exc

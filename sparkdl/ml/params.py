@@ -193,20 +193,29 @@ class TableParams(Params):
         """Read what _save_data wrote; ``extra`` is _extra_metadata's saved dict."""
 
 
-def _getter(name: str) -> Callable[[Any], Any]:
+def _getter(spec: ParamSpec) -> Callable[[Any], Any]:
     def get(self: TableParams) -> Any:
-        return self.getOrDefault(name)
+        return self.getOrDefault(spec.name)
 
-    get.__doc__ = f"The value of ``{name}``."
+    get.__doc__ = f"``{spec.name}``: {spec.doc}."
     return get
 
 
-def _setter(name: str) -> Callable[[Any, Any], Any]:
+def _setter(spec: ParamSpec) -> Callable[[Any, Any], Any]:
     def set_(self: TableParams, value: Any) -> Any:
-        return self.setParams(**{name: value})
+        return self.setParams(**{spec.name: value})
 
-    set_.__doc__ = f"Set ``{name}``; returns self."
+    set_.__doc__ = f"Set ``{spec.name}`` ({spec.doc}); returns self. ConfigError on a bad value."
     return set_
+
+
+def params_table(specs: Sequence[ParamSpec]) -> str:
+    """The Params as docstring lines: ``name`` (default): meaning."""
+    lines = ["Parameters (keyword arguments; each also has a getXxx/setXxx):", ""]
+    for spec in specs:
+        default = "required" if spec.default is REQUIRED else f"default {spec.default!r}"
+        lines.append(f"    {spec.name} ({default}): {spec.doc}")
+    return "\n".join(lines)
 
 
 def with_params(specs: Sequence[ParamSpec]) -> Callable[[type[T]], type[T]]:
@@ -216,8 +225,9 @@ def with_params(specs: Sequence[ParamSpec]) -> Callable[[type[T]], type[T]]:
         cls._param_specs = tuple(specs)
         for spec in specs:
             setattr(cls, spec.name, Param(Params._dummy(), spec.name, spec.doc))
-            setattr(cls, f"get{spec.camel}", _getter(spec.name))
-            setattr(cls, f"set{spec.camel}", _setter(spec.name))
+            setattr(cls, f"get{spec.camel}", _getter(spec))
+            setattr(cls, f"set{spec.camel}", _setter(spec))
+        cls.__doc__ = f"{inspect.cleandoc(cls.__doc__ or '')}\n\n{params_table(specs)}\n"
         init = cls.__dict__.get("__init__")
         if init is not None:
             own = [

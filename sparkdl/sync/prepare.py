@@ -54,7 +54,7 @@ class Prepared:
         """(all ranks) Bring this rank's module to the model of record (e.g. to evaluate)."""
         self.strategy.synchronize()
 
-    def state_dict(self) -> dict[str, torch.Tensor] | None:
+    def state_dict(self) -> dict[str, Any] | None:
         """(all ranks) The trained model as a plain CPU state dict on the chief, None elsewhere;
         it loads into the unwrapped module."""
         return self.strategy.final_state_dict()

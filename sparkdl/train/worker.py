@@ -68,7 +68,10 @@ class WorkerResult:
     resumed_from_step: int | None = None
     """Step of the checkpoint this attempt resumed from (None: it started from scratch)."""
     best_epoch: int | None = None
-    """With early stopping: the epoch whose weights were saved."""
+    """With early stopping: the epoch whose weights were saved (0-based)."""
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    """The last epoch's metrics; ``metrics`` are the kept model's (they differ with early
+    stopping, when the kept epoch is not the last)."""
 
 
 def train(spec: TrainSpec) -> WorkerResult:
@@ -92,6 +95,7 @@ class _Trainer:
         self.loss_fn = build_loss(spec.optim)
         self.metric = metric_name(spec.optim)
         self.early_stopping = self._early_stopping()
+        self.kept_metrics: dict[str, float] = {}
         self.loader = self.dataset.loader(
             env.rank,
             env.world_size,
@@ -190,7 +194,7 @@ class _Trainer:
         seconds = time.perf_counter() - start
         log.info(
             "epoch %d done: local loss %.5f, %.0f samples/s on this rank",
-            epoch,
+            epoch + 1,
             epoch_loss / max(self.steps_per_epoch, 1),
             epoch_samples / max(seconds, 1e-9),
         )
@@ -308,7 +312,7 @@ class _Trainer:
             "[rank %d] resumed from the checkpoint at step %d (epoch %d, batch %d)",
             self.env.rank,
             self.step,
-            self.start_epoch,
+            self.start_epoch + 1,
             int(position["batches_consumed"]),
         )
 
@@ -326,7 +330,7 @@ class _Trainer:
         self.last_loss = mean
         self.metrics.record(epoch, self.step, "train", "step_loss", mean)
         if self.env.is_chief:
-            log.info("epoch %d step %d loss %.5f (mean over ranks)", epoch, self.step, mean)
+            log.info("epoch %d step %d loss %.5f (mean over ranks)", epoch + 1, self.step, mean)
 
     def _report_progress(
         self,
@@ -360,7 +364,7 @@ class _Trainer:
         """Every rank sees the same reduced value, so every rank stops at the same step."""
         if not math.isfinite(value):
             raise DataError(
-                f"training loss must stay finite, got {value} at epoch {epoch}, step {self.step}. "
+                f"training loss must stay finite, got {value} at epoch {epoch + 1}, step {self.step}. "
                 "Lower learning_rate, scale features, or check labels for out-of-range values"
             )
 
@@ -415,12 +419,14 @@ class _Trainer:
             state = self.strategy.final_state_dict()  # the chief's copy; None on other ranks
             if state is not None:  # detach from the live parameters (CPU tensors alias them)
                 state = copy.deepcopy(state)
+        if votes:
+            self.kept_metrics = dict(self.metrics.latest)  # what the kept weights scored
         stop = stopping.update(epoch, validation_loss, improved=votes > 0, state=state)
         if stop and self.env.is_chief:
             log.info(
-                "early stopping after epoch %d; keeping epoch %s (validation loss %.5f)",
-                epoch,
-                stopping.best_epoch,
+                "early stopping after epoch %d; keeping epoch %d (validation loss %.5f)",
+                epoch + 1,
+                (stopping.best_epoch or 0) + 1,
                 stopping.best_value,
             )
         return stop
@@ -429,6 +435,7 @@ class _Trainer:
         """(chief only for the writes) Save the model of record; every rank returns its record."""
         model_dir = None
         best = self.early_stopping
+        kept = best is not None and best.best_epoch is not None and bool(self.kept_metrics)
         if best is not None and best.best_epoch is not None:
             state = best.best_state  # the same branch on every rank: no collective is skipped
         else:
@@ -452,7 +459,8 @@ class _Trainer:
             steps=self.step,
             samples=self.samples,
             epochs=self.epochs_done,
-            metrics=dict(self.metrics.latest),
+            metrics=dict(self.kept_metrics if kept else self.metrics.latest),
+            last_metrics=dict(self.metrics.latest),
             timings={"train_seconds": self.train_seconds},
             model_dir=model_dir,
             comm_bytes=self.strategy.comm_bytes,
@@ -509,7 +517,7 @@ def _translated(exc: BaseException, trainer: _Trainer) -> BaseException:
         return ConfigError(
             f"every parameter of the model must get a gradient in each step under "
             f"strategy='allreduce' (DistributedDataParallel), got parameters unused by forward "
-            f"at epoch {trainer.epoch}, step {trainer.step}. Pass "
+            f"at epoch {trainer.epoch + 1}, step {trainer.step}. Pass "
             "strategy_options={'find_unused_parameters': True} (a little slower), or "
             "static_graph=True when the same parameters are unused in every step, or remove "
             "the unused parameters"
@@ -519,7 +527,7 @@ def _translated(exc: BaseException, trainer: _Trainer) -> BaseException:
     name = type(exc).__name__
     return PeerLostError(
         f"rank {trainer.env.rank} of {trainer.env.world_size} lost its group at epoch "
-        f"{trainer.epoch}, step {trainer.step}: a collective did not complete within "
+        f"{trainer.epoch + 1}, step {trainer.step}: a collective did not complete within "
         f"collective_timeout_s={trainer.env.timeout_s:g} s, or a peer closed its connection "
         f"(another rank died, hung or failed; its own error, if it reported one, comes "
         f"first). {name}: {str(exc).strip()[:500]}"

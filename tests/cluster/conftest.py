@@ -132,6 +132,7 @@ def spark_standalone_cluster(tmp_path_factory):
         cluster.spark = local_spark_session(
             cluster.master_url,
             app_name="sparkdl-tests-standalone",
+            ui=False,
             conf={
                 "spark.executor.memory": "512m",
                 "spark.executor.cores": "1",

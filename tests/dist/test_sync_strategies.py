@@ -329,3 +329,51 @@ def test_powersgd_with_several_buckets_keeps_ranks_in_step():
         assert r["sent"][0] == full  # warm-up steps: plain fp32 all-reduce
         assert 0 < r["sent"][-1] < full // 10  # compressed: rank-2 factors
     assert results[1]["state"] is None
+
+
+class _WithExtraState(torch.nn.Module):
+    """A module whose state dict holds a non-tensor entry (get_extra_state)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+        self.vocab = {"tokens": ["<pad>", "a"], "version": 3}
+
+    def forward(self, x):
+        return self.net(x)
+
+    def get_extra_state(self):
+        return self.vocab
+
+    def set_extra_state(self, state):
+        self.vocab = state
+
+
+def _final_states_with_extra_state() -> dict:
+    rank = sparkdl.get_context().rank
+    out = {}
+    for strategy, options in CONFIGS:
+        torch.manual_seed(0)
+        sync = prepare(
+            _WithExtraState(),
+            strategy,
+            optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+            **options,
+        )
+        _train(sync, _batches(rank, 3))
+        out[f"{strategy} {options}"] = sync.state_dict()
+        sync.close()
+    return out
+
+
+def test_every_strategy_s_final_state_keeps_non_tensor_entries():
+    results = sparkdl.Distributor(2, local_mode=True, timeout_s=120).run(
+        _final_states_with_extra_state
+    )
+    for name, state in results[0].items():
+        assert state["_extra_state"] == {"tokens": ["<pad>", "a"], "version": 3}, name
+        module = _WithExtraState()
+        module.vocab = {}
+        module.load_state_dict(state)  # loads into the unwrapped module, extra state included
+        assert module.vocab["version"] == 3, name
+    assert all(state is None for state in results[1].values())

@@ -87,4 +87,4 @@ def spark_s3(s3_server):
     if active is not None:
         active.stop()  # executor environment is fixed when a context starts
     conf = {f"spark.executorEnv.{key}": value for key, value in s3_server[1].items()}
-    return local_spark_session("local[2]", app_name="sparkdl-tests-s3", conf=conf)
+    return local_spark_session("local[2]", app_name="sparkdl-tests-s3", conf=conf, ui=False)

@@ -144,11 +144,16 @@ def test_corrupt_shard_in_a_dataset_fails_once_with_a_data_error(frame, tmp_path
 
 
 def test_model_factory_raising_is_a_config_error_without_restarts(frame, tmp_path, estimator):
-    with pytest.raises(WorkerConfigError, match="cannot build this model") as info:
+    # found by the driver's pre-launch check: no worker starts
+    with pytest.raises(ConfigError, match="cannot build this model"):
         estimator(tmp_path / "run", model=broken_factory).fit(frame)
+    assert _run_json(tmp_path / "run")["attempts"] == []
+    # without that check, on the workers: raised once, never restarted
+    with pytest.raises(WorkerConfigError, match="cannot build this model") as info:
+        estimator(tmp_path / "run2", model=broken_factory, driver_check=False).fit(frame)
     assert isinstance(info.value, ConfigError)
-    assert len(_run_json(tmp_path / "run")["attempts"]) == 1
-    _nothing_complete(tmp_path / "run")
+    assert len(_run_json(tmp_path / "run2")["attempts"]) == 1
+    _nothing_complete(tmp_path / "run2")
 
 
 def test_loss_turning_nan_stops_naming_the_step(frame, tmp_path, estimator):
@@ -164,7 +169,7 @@ def test_loss_turning_nan_stops_naming_the_step(frame, tmp_path, estimator):
 def test_existing_run_dir_needs_overwrite_or_resume(frame, tmp_path, estimator):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("someone else's files")
-    with pytest.raises(ConfigError, match="resume=True"):
+    with pytest.raises(ConfigError, match="holding other files.*overwrite=True"):
         estimator(tmp_path / "run").fit(frame)
     with pytest.raises(ConfigError, match="run.json"):
         estimator(tmp_path / "run", resume=True).fit(frame)

@@ -89,7 +89,7 @@ def test_failed_run_is_marked_failed(digits, tmp_path, estimator):
         raise RuntimeError("loss exploded on purpose")
 
     with pytest.raises(sparkdl.WorkerGroupError, match="loss exploded on purpose"):
-        estimator(tmp_path / "run", loss=bad_loss, epochs=1).fit(digits[0])
+        estimator(tmp_path / "run", loss=bad_loss, epochs=1, driver_check=False).fit(digits[0])
     with open(tmp_path / "run" / "run.json") as fh:
         run = json.load(fh)
     assert run["status"] == "failed" and "loss exploded" in run["error"]["message"]

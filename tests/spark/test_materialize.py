@@ -108,9 +108,9 @@ def test_modes_error_overwrite_reuse(spark_local, tmp_path):
     )
     assert reused.manifest == first.manifest and os.stat(manifest_path).st_mtime_ns == stamp
     other = df.filter("x < 50")
-    with pytest.raises(ConfigError, match="mode='reuse'"):
+    with pytest.raises(ConfigError, match="mode='reuse', got a different DataFrame: its rows"):
         materialize(other, root, feature_cols=["x"], label_col="label", num_shards=2, mode="reuse")
-    with pytest.raises(ConfigError, match="mode='reuse'"):
+    with pytest.raises(ConfigError, match=r"different parameter: num_shards \(2 then, 3 now\)"):
         materialize(df, root, feature_cols=["x"], label_col="label", num_shards=3, mode="reuse")
     replaced = materialize(
         other, root, feature_cols=["x"], label_col="label", num_shards=2, mode="overwrite"

@@ -32,7 +32,7 @@ def _job_groups_and_descriptions(sc):
 
 
 def test_progress_and_logs_of_both_ranks_reach_the_driver(spark_local_cluster, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="sparkdl")
+    caplog.set_level(logging.DEBUG, logger="sparkdl")  # worker INFO lines: DEBUG here
     train = spark_local_cluster.read.parquet(os.path.join(DIGITS, "train.parquet"))
     run_dir = tmp_path / "digits-live"
     sparkdl.TorchEstimator(
@@ -52,10 +52,10 @@ def test_progress_and_logs_of_both_ranks_reach_the_driver(spark_local_cluster, t
         assert any(
             line.startswith(f"[rank {rank}] rank {rank} of 2 on cpu") for line in worker_lines
         )
-        assert any(line.startswith(f"[rank {rank}] epoch 1 done") for line in worker_lines)
+        assert any(line.startswith(f"[rank {rank}] epoch 2 done") for line in worker_lines)
         kept = (run_dir / "logs" / f"rank-{rank}.log").read_text()
-        assert "epoch 0 done" in kept and "epoch 1 done" in kept
-    assert any("loss" in line for line in worker_lines if line.startswith("[rank 0] epoch 0 step"))
+        assert "epoch 1 done" in kept and "epoch 2 done" in kept  # 1-based, like the bar
+    assert any("loss" in line for line in worker_lines if line.startswith("[rank 0] epoch 1 step"))
     # pytest is not a terminal: progress comes as log lines, one at least per epoch end
     progress = [r.getMessage() for r in caplog.records if r.name == "sparkdl.progress"]
     assert any(line.startswith("digits-live: epoch 1/2 | step") for line in progress)

@@ -17,7 +17,6 @@ from pyspark.ml.feature import StringIndexer
 from pyspark.ml.tuning import CrossValidator, ParamGridBuilder, TrainValidationSplit
 from pyspark.sql import functions as F
 
-import sparkdl
 from sparkdl.artifacts import RunDirectory
 from sparkdl.errors import ConfigError, DataError, WorkerConfigError
 
@@ -49,22 +48,16 @@ def frame(spark_local):
     return spark_local.createDataFrame(rows, "features array<float>, answer string, id int")
 
 
-def estimator(run_dir, **overrides):
-    kwargs = dict(
-        model=linear,
-        feature_cols=["features"],
-        label_col="label",
-        optimizer="sgd",
-        learning_rate=0.1,
-        batch_size=16,
-        epochs=2,
-        num_workers=2,
-        run_dir=str(run_dir),
-        log_every_steps=0,
-        collective_timeout_s=30,
-    )
-    kwargs.update(overrides)
-    return sparkdl.TorchEstimator(**kwargs)
+@pytest.fixture
+def estimator(small_estimator):
+    """The conftest's small estimator with this module's linear model, batch 16, no step log."""
+
+    def build(run_dir, **overrides):
+        settings = dict(model=linear, batch_size=16, log_every_steps=0)
+        settings.update(overrides)
+        return small_estimator(run_dir, **settings)
+
+    return build
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +66,7 @@ def indexed(frame):
     return StringIndexer(inputCol="answer", outputCol="label").fit(frame).transform(frame)
 
 
-def test_string_indexer_labels_train_a_classifier(indexed, tmp_path):
+def test_string_indexer_labels_train_a_classifier(indexed, tmp_path, estimator):
     assert dict(indexed.dtypes)["label"] == "double"
     model = estimator(tmp_path / "run", epochs=10, batch_size=8, learning_rate=0.5).fit(indexed)
     accuracy = model.transform(indexed).select(
@@ -83,7 +76,9 @@ def test_string_indexer_labels_train_a_classifier(indexed, tmp_path):
 
 
 @pytest.mark.parametrize(("loss", "expr"), [("cross_entropy", "label + 0.5"), ("nll", "-label")])
-def test_labels_that_are_no_class_index_are_refused_before_launch(indexed, tmp_path, loss, expr):
+def test_labels_that_are_no_class_index_are_refused_before_launch(
+    indexed, tmp_path, loss, expr, estimator
+):
     bad = indexed.withColumn("label", F.expr(expr))
     start = time.monotonic()
     with pytest.raises(DataError, match=r"label column 'label' must hold class indices"):
@@ -92,7 +87,9 @@ def test_labels_that_are_no_class_index_are_refused_before_launch(indexed, tmp_p
     assert not os.path.exists(tmp_path / "run" / "data")  # refused before materialize
 
 
-def test_an_unused_parameter_names_the_ddp_option_and_the_option_fixes_it(indexed, tmp_path):
+def test_an_unused_parameter_names_the_ddp_option_and_the_option_fixes_it(
+    indexed, tmp_path, estimator
+):
     with pytest.raises(WorkerConfigError, match="find_unused_parameters") as info:
         estimator(tmp_path / "a", model=UnusedHead).fit(indexed)
     attempts = RunDirectory(str(tmp_path / "a")).summary()["attempts"]
@@ -105,7 +102,7 @@ def test_an_unused_parameter_names_the_ddp_option_and_the_option_fixes_it(indexe
     assert static.fit(indexed).summary["status"] == "succeeded"
 
 
-def test_transform_leaves_columns_it_does_not_read_alone(indexed, tmp_path, spark_local):
+def test_transform_leaves_columns_it_does_not_read_alone(indexed, tmp_path, spark_local, estimator):
     model = estimator(tmp_path / "run", probability_col="probability").fit(indexed)
     other = spark_local.createDataFrame(
         [(i, f"n{i}", i * 2.0) for i in range(ROWS)], "id int, name string, `a.b` double"
@@ -121,7 +118,7 @@ def test_transform_leaves_columns_it_does_not_read_alone(indexed, tmp_path, spar
         model.transform(joined.crossJoin(indexed.select("features").limit(1)))
 
 
-def test_tuning_keeps_every_fit_s_own_run(indexed, tmp_path):
+def test_tuning_keeps_every_fit_s_own_run(indexed, tmp_path, estimator):
     base = estimator(tmp_path / "tuning", epochs=2)
     grid = (
         ParamGridBuilder()
@@ -163,7 +160,9 @@ def test_tuning_keeps_every_fit_s_own_run(indexed, tmp_path):
     assert len(os.listdir(tmp_path / "cv")) == 2 * 2 + 1  # 2 points x 2 folds, + the refit
 
 
-def test_a_model_from_a_module_executors_cannot_import_fails_once(indexed, tmp_path, monkeypatch):
+def test_a_model_from_a_module_executors_cannot_import_fails_once(
+    indexed, tmp_path, monkeypatch, estimator
+):
     (tmp_path / "helper_nb.py").write_text(
         "import torch\n\ndef make():\n    return torch.nn.Linear(4, 2)\n"
     )
@@ -181,7 +180,7 @@ def test_a_model_from_a_module_executors_cannot_import_fails_once(indexed, tmp_p
         sys.modules.pop("helper_nb", None)
 
 
-def test_any_column_name_spark_accepts_works_in_fit_and_transform(spark_local, tmp_path):
+def test_any_column_name_spark_accepts_works_in_fit_and_transform(spark_local, tmp_path, estimator):
     names = [
         "sensor.temp",
         "wind speed",
@@ -209,7 +208,7 @@ def test_any_column_name_spark_accepts_works_in_fit_and_transform(spark_local, t
     assert scored.filter(F.col("prediction").isNull()).count() == 0
 
 
-def test_small_splits_work_or_are_refused_before_training(indexed, tmp_path):
+def test_small_splits_work_or_are_refused_before_training(indexed, tmp_path, estimator):
     # one validation row for two workers, smaller than a batch: trains, validates on that row
     one = indexed.withColumn("val", F.col("id") == 3)
     model = estimator(tmp_path / "one", validation_col="val", epochs=2).fit(one)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -189,7 +190,7 @@ def test_forward_logs_without_an_address_does_nothing():
 
 
 def test_monitor_writes_rank_files_and_prefixed_lines(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="sparkdl")
+    caplog.set_level(logging.DEBUG, logger="sparkdl")  # worker INFO lines: DEBUG here
     monitor = RunMonitor(log_dir=str(tmp_path / "logs"), interactive=False).start()
     for rank in (0, 1):
         monitor.handle({"t": "log", "rank": rank, "level": 20, "msg": f"hi {rank}", "time": 1.0})
@@ -207,7 +208,7 @@ def test_monitor_writes_rank_files_and_prefixed_lines(tmp_path, caplog):
 
 
 def test_monitor_without_progress_shows_no_progress(caplog):
-    caplog.set_level(logging.INFO, logger="sparkdl")
+    caplog.set_level(logging.DEBUG, logger="sparkdl")  # worker INFO lines: DEBUG here
     monitor = RunMonitor(progress=False, interactive=False).start()
     monitor.handle({"t": "progress", "rank": 0, "step": 1, "total": 2, "epoch_end": True})
     monitor.close()
@@ -273,3 +274,57 @@ def test_spark_job_phase_names_run_and_phase_then_restores():
         assert sc.props["spark.job.description"] == description
     assert sc.props["spark.jobGroup.id"] == "outer"
     assert sc.props["spark.job.description"] == "mine"
+
+
+@pytest.mark.parametrize("root_handler", [True, False])
+def test_a_worker_line_prints_once_while_the_bar_is_live(capsys, root_handler):
+    """tqdm's redirect must not give every logger on the way to the root its own handler."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    # a script with logging.basicConfig (a root handler), else a bare notebook (none at all)
+    root.handlers = [logging.StreamHandler(sys.stderr)] if root_handler else []
+    root.setLevel(logging.INFO)
+    try:
+        monitor = RunMonitor(interactive=True, name="demo").start()
+        frame = {"t": "progress", "rank": 0, "epoch": 0, "epochs": 1, "step": 1, "total": 4}
+        monitor.handle(frame)  # the bar is live from here on
+        monitor.handle({"t": "log", "rank": 1, "level": 30, "msg": "only once", "time": 1.0})
+        monitor.close()
+    finally:
+        root.handlers, root.level = saved_handlers, saved_level
+    err = capsys.readouterr().err
+    assert err.count("[rank 1] only once") == 1, err
+
+
+class _Tracker:
+    """A SparkContext status tracker with one job of two stages, advancing on every call."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def getJobIdsForGroup(self, group):
+        self.calls += 1
+        return [7] if group == "g" else []
+
+    def getJobInfo(self, job_id):
+        return type("Job", (), {"stageIds": [1, 2]})()
+
+    def getStageInfo(self, stage_id):
+        done = min(self.calls, 4) if stage_id == 1 else 0
+        return type("Stage", (), {"numCompletedTasks": done, "numTasks": 4})()
+
+
+def test_spark_phase_progress_shows_tasks_done(caplog):
+    from sparkdl.launch.progress import SparkPhaseProgress
+
+    caplog.set_level(logging.INFO, logger="sparkdl.progress")
+    tracker = _Tracker()
+    sc = type("SC", (), {"statusTracker": lambda self: tracker})()
+    with SparkPhaseProgress(sc, "g", "demo: materialize", interactive=False, poll_s=0.01) as p:
+        assert _wait_for(lambda: tracker.calls >= 3)
+        assert p.tasks()[1] == 8
+    lines = [r.getMessage() for r in caplog.records if r.name == "sparkdl.progress"]
+    assert lines[0].startswith("demo: materialize: ") and lines[-1].endswith("/8 Spark tasks done")
+    with SparkPhaseProgress(sc, "g", "off", enabled=False):
+        pass  # disabled: no thread, no line
+    assert not [r for r in caplog.records if r.getMessage().startswith("off")]

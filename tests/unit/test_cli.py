@@ -42,3 +42,19 @@ def test_training_shuffle_reaches_the_estimator(value, expected):
     assert estimator.getShuffle() is expected
     assert estimator.getResume() is True and estimator.getOverwrite() is False
     assert estimator.getFeatureCols() == ["a", "b"]
+
+
+def test_a_job_s_bad_input_prints_one_message_naming_the_job_switch(capsys):
+    from sparkdl.cli import run_job
+    from sparkdl.errors import ConfigError
+
+    def main(argv):
+        raise ConfigError("run_dir must be new, got 'x'. Pass resume=True or overwrite=True")
+
+    assert run_job(main) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: run_dir must be new, got 'x'. Pass --set run.mode=resume or "
+        "--set run.mode=overwrite\n"
+    )
+    assert run_job(lambda argv: 0) == 0

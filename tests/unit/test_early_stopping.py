@@ -76,6 +76,9 @@ def test_stops_after_patience_and_keeps_the_best_epoch(tmp_path):
     assert kept == pytest.approx(losses[best], rel=1e-5)  # the best epoch's weights, not the last
     assert set(_metric(spec.run_dir, "train", "accuracy")) == set(losses)
     assert set(_metric(spec.run_dir, "validation", "accuracy")) == set(losses)
+    # the result reports the kept model's metrics; the last epoch's come separately
+    assert result.metrics["validation/loss"] == pytest.approx(losses[best])
+    assert result.last_metrics["validation/loss"] == pytest.approx(losses[max(losses)])
 
 
 def test_regression_records_mse_and_plots(tmp_path):

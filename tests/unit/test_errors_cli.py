@@ -37,6 +37,12 @@ def test_worker_group_error_pickles_and_names_ranks():
     assert "rank 1" in str(clone) and "raise KeyError" in str(clone)
 
 
+def test_the_headline_of_a_group_failure_keeps_its_reason():
+    error = WorkerGroupError([_failure(1), _failure(0)])
+    assert error.headline == "2 rank(s) failed; rank 1: KeyError: 'boom on 1'"
+    assert WorkerGroupError([], detail="rank 0 died: lost\nmore").headline == "rank 0 died: lost"
+
+
 def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "job.toml"
     path.write_text(

@@ -32,7 +32,12 @@ def _modules():
 
 
 def _zone(tree: ast.Module) -> str:
+    """The zone tag: the docstring's first word, or a ``Zone: [tag]`` line (the top-level
+    package's docstring is what ``help(sparkdl)`` shows users, so it starts with prose)."""
     doc = ast.get_docstring(tree) or ""
+    for line in doc.splitlines():
+        if line.startswith("Zone: "):
+            return line.split()[1]
     return doc.split()[0] if doc else ""
 
 
