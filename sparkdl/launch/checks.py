@@ -1,7 +1,8 @@
 """[driver] Pre-launch checks: what would otherwise fail late or hang, caught before any task starts.
 
-Worker count against task slots, dynamic allocation, the GPU amount per task. Each failure is a
-ConfigError that names the Spark conf key to set and why.
+Worker count against task slots, dynamic allocation, the GPU amount per task, and the
+cluster's security settings. Each failure is a ConfigError that names the Spark conf key to set
+and why.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ if TYPE_CHECKING:
     from sparkdl.launch.rendezvous import LaunchOptions
 
 __all__ = [
+    "ALLOW_UNENCRYPTED_CONF",
+    "SECURITY_CONFS",
     "SLOT_WAIT_CAP_S",
+    "check_security",
     "check_dynamic_allocation",
     "check_gpu_conf",
     "check_launch",
@@ -32,12 +36,72 @@ SLOT_WAIT_CAP_S = 30.0
 _POLL_S = 0.1
 
 
-def check_launch(sc: Any, options: LaunchOptions, *, timeout_s: float) -> None:
-    """Every check that must pass before a task starts; each failure is a ConfigError."""
+def check_launch(
+    sc: Any, options: LaunchOptions, *, timeout_s: float, allow_unencrypted: bool = False
+) -> str | None:
+    """Every check that must pass before a task starts; each failure is a ConfigError. Returns
+    the security warning to log once per launch when encryption is on and explicitly waived."""
     conf = sc.getConf()
+    warning = check_security(
+        {key: conf.get(key, None) for key in (*SECURITY_CONFS, ALLOW_UNENCRYPTED_CONF)},
+        allow_unencrypted=allow_unencrypted,
+    )
     check_dynamic_allocation(conf)
     check_gpu_conf(conf, options.use_gpu, master=sc.master)
     check_slots(sc, options.num_workers, wait_s=timeout_s)
+    return warning
+
+
+SECURITY_CONFS = {
+    "spark.ssl.enabled": "TLS on Spark's RPC and web endpoints",
+    "spark.network.crypto.enabled": "AES encryption of Spark's RPC traffic",
+    "spark.io.encryption.enabled": "encryption of Spark's shuffle and spill files",
+    "spark.authenticate": "authentication of Spark's RPC connections",
+}
+"""The Spark settings that say an operator wants Spark's own traffic protected."""
+ALLOW_UNENCRYPTED_CONF = "spark.sparkdl.allowUnencrypted"
+"""Spark conf that waives :func:`check_security` for every launch of the session."""
+
+_SPARKDL_TRAFFIC = (
+    "gradients and parameters between the workers (gloo/NCCL collectives, unencrypted and "
+    "unauthenticated), the rendezvous store on the chief's task address (torch's TCPStore: "
+    "no authentication; anyone who can reach its port during the launch can talk to it), and "
+    "the driver channel (each message HMAC-authenticated with a per-run token, not encrypted); "
+    "the run directory holds the model and checkpoints as the storage keeps them"
+)
+
+
+def _is_true(value: Any) -> bool:
+    return str(value or "").strip().lower() == "true"
+
+
+def check_security(conf: dict[str, Any], *, allow_unencrypted: bool = False) -> str | None:
+    """(driver) Refuse to open sparkdl's own unencrypted channels on a cluster configured to
+    protect Spark's traffic, unless waived.
+
+    ``conf`` maps Spark conf keys (those of SECURITY_CONFS and ALLOW_UNENCRYPTED_CONF) to their
+    values (None: unset; read through ``spark.conf``/``SparkConf``). Returns None when none of
+    the settings is on; the warning to log when one is on and ``allow_unencrypted`` (or the
+    conf) waives it; raises ConfigError naming the settings, the traffic and the opt-in
+    otherwise. (TorchDistributor refuses ``spark.ssl.enabled`` the same way.)
+    """
+    on = [key for key in SECURITY_CONFS if _is_true(conf.get(key))]
+    if not on:
+        return None
+    settings = ", ".join(f"{key}=true ({SECURITY_CONFS[key]})" for key in on)
+    if allow_unencrypted or _is_true(conf.get(ALLOW_UNENCRYPTED_CONF)):
+        return (
+            f"sparkdl: the cluster sets {settings}, and sparkdl's own traffic is not protected "
+            f"that way: {_SPARKDL_TRAFFIC}. Allowed by allow_unencrypted / "
+            f"{ALLOW_UNENCRYPTED_CONF}=true."
+        )
+    raise ConfigError(
+        f"the cluster's security settings must allow sparkdl's unencrypted channels, got "
+        f"{settings}. sparkdl does not encrypt: {_SPARKDL_TRAFFIC}. If training traffic may "
+        f"travel unencrypted on this network, set the Spark conf {ALLOW_UNENCRYPTED_CONF}=true "
+        "or pass allow_unencrypted=True (TorchEstimator or Distributor); otherwise train on a "
+        "network you trust without these settings"
+    )
 
 
 def check_dynamic_allocation(conf: Any) -> None:

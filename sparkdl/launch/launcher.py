@@ -58,6 +58,10 @@ class Distributor:
         channel: open the driver channel for each launch: workers' log lines and progress come
             to the driver, and the workers meet through it (Spark's allGather waits ≥ 1 s).
             False: no channel; logs stay on the executors and the workers meet by allGather.
+        allow_unencrypted: launch even when the cluster turns on spark.ssl.enabled,
+            spark.network.crypto.enabled, spark.io.encryption.enabled or spark.authenticate,
+            although sparkdl's own traffic is not encrypted (see README, Security); one WARNING
+            per launch says so. The Spark conf spark.sparkdl.allowUnencrypted=true does the same.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class Distributor:
         local_mode: bool = False,
         collective_timeout_s: float = 120,
         channel: bool = True,
+        allow_unencrypted: bool = False,
     ) -> None:
         expect_int(
             "num_workers",
@@ -97,6 +102,7 @@ class Distributor:
         self.local_mode = bool(local_mode)
         self.collective_timeout_s = float(collective_timeout_s)
         self.channel = bool(channel)
+        self.allow_unencrypted = bool(allow_unencrypted)
 
     def check(self) -> None:
         """(driver) Run the pre-launch checks now (slots, dynamic allocation, GPUs), launching nothing.
@@ -112,7 +118,12 @@ class Distributor:
             backend=self.backend,
             collective_timeout_s=self.collective_timeout_s,
         )
-        check_launch(_spark_context(self.spark), options, timeout_s=self.timeout_s)
+        check_launch(
+            _spark_context(self.spark),
+            options,
+            timeout_s=self.timeout_s,
+            allow_unencrypted=self.allow_unencrypted,
+        )
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """(driver) Run ``fn`` on every worker; each rank's return value, in rank order.
@@ -151,7 +162,11 @@ class Distributor:
             extra=dict(extra or {}),
         )
         if sc is not None:
-            check_launch(sc, options, timeout_s=self.timeout_s)
+            warning = check_launch(
+                sc, options, timeout_s=self.timeout_s, allow_unencrypted=self.allow_unencrypted
+            )
+            if warning:
+                log.warning("%s", warning)
             options = _with_task_cpus(options, sc)
         monitor = (monitor or RunMonitor(progress=True)).start()
         try:

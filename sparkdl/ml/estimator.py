@@ -102,6 +102,9 @@ ESTIMATOR_PARAMS: tuple[ParamSpec, ...] = (
     P("on_invalid", "error", "rows with NaN/inf: 'error' refuses them, 'skip' drops them"),
     P("fault_injection", None, "deliberate failures for tests (sparkdl.config.FaultInjection)"),
     P("progress", True, "live progress bar and worker logs on the driver"),
+    P("allow_unencrypted", False, "train even when the cluster enables Spark's encryption or "
+      "authentication settings, although sparkdl's own traffic is not encrypted (README, "
+      "Security); same as the Spark conf spark.sparkdl.allowUnencrypted=true"),
     P("driver_check", True, "before launch, build the model on the driver and run one forward "
       "and loss pass on a few training rows (CPU): shape, dtype, label and output mistakes "
       "become a ConfigError in seconds; False for models too large to build on the driver"),
@@ -134,7 +137,7 @@ def _check_estimator_values(v: dict[str, Any]) -> None:
             f"{v['validation_col']!r} with validation_fraction={fraction}. Use one of them"
         )
     expect_number("collective_timeout_s", v["collective_timeout_s"], "Use e.g. 120", above=0)
-    for name in ("use_gpu", "overwrite", "resume", "progress", "driver_check"):
+    for name in ("use_gpu", "overwrite", "resume", "progress", "driver_check", "allow_unencrypted"):
         expect_bool(name, v[name])
     expect_int("max_restarts", v["max_restarts"], "Use 0 to never restart", low=0)
     check_on_invalid(v["on_invalid"])
@@ -205,6 +208,7 @@ class TorchEstimator(
             use_gpu=self.get("use_gpu"),
             spark=spark,
             collective_timeout_s=self.get("collective_timeout_s"),
+            allow_unencrypted=self.get("allow_unencrypted"),
         )
 
     def _dataset(
