@@ -24,6 +24,7 @@ __all__ = [
     "WorkerCheckpointError",
     "PeerLostError",
     "is_peer_loss",
+    "is_peer_loss_failure",
     "promote",
 ]
 
@@ -149,6 +150,14 @@ _PEER_LOSS_HINTS = (
 )
 """Lower-case texts that, in a RuntimeError's message, mean the same (gloo and nccl raise plain
 RuntimeErrors when a peer's socket closes or a collective times out)."""
+
+
+def is_peer_loss_failure(failure: RankFailure) -> bool:
+    """:func:`is_peer_loss` for a rank's reported failure (its type name and message)."""
+    if failure.exc_type in _PEER_LOSS_TYPES:
+        return True
+    text = failure.message.lower()
+    return failure.exc_type == "RuntimeError" and any(hint in text for hint in _PEER_LOSS_HINTS)
 
 
 def is_peer_loss(exc: BaseException) -> bool:

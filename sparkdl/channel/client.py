@@ -286,11 +286,22 @@ def forward_logs(addr: str, token: str, rank: int) -> Iterator[ChannelClient | N
     previous, _active = _active, (client, rank)
     try:
         yield client
+    except BaseException as exc:
+        # Spark reports only the first failed task of a barrier stage: every failing rank also
+        # tells the driver itself, so the group's error lists them all.
+        client.send({"t": "failure", "rank": rank, "failure": _encoded(rank, exc)})
+        raise
     finally:
         _active = previous
         root.removeHandler(handler)
         ours.setLevel(saved_level)
         client.close()
+
+
+def _encoded(rank: int, exc: BaseException) -> str:
+    from sparkdl.errors import RankFailure
+
+    return RankFailure.from_exception(rank, exc).encode()
 
 
 def report_progress(**fields: Any) -> None:

@@ -22,7 +22,13 @@ from typing import Any
 
 from sparkdl._checks import expect_int
 from sparkdl.channel.server import ChannelServer
-from sparkdl.errors import ConfigError, RankFailure, RendezvousError, WorkerGroupError
+from sparkdl.errors import (
+    ConfigError,
+    RankFailure,
+    RendezvousError,
+    WorkerGroupError,
+    is_peer_loss_failure,
+)
 from sparkdl.launch.checks import check_launch
 from sparkdl.launch.progress import RunMonitor
 from sparkdl.launch.rendezvous import LaunchOptions, barrier_task
@@ -182,6 +188,8 @@ class Distributor:
                     pickled = launch_barrier(
                         sc, payload, options, name=name, timeout_s=self.timeout_s
                     )
+        except WorkerGroupError as exc:
+            raise with_reported_failures(exc, monitor.failures) from None
         finally:
             monitor.close()
         return [cloudpickle.loads(value) for value in pickled]
@@ -364,6 +372,22 @@ _LOST_TASK_RES = (
     # "barrier task ResultTask(0, 1) finished unsuccessfully.\n<reason>"
     re.compile(r"barrier task \w*Task\(\d+, (\d+)\) finished unsuccessfully\.?\s*\n?([^\n]*)"),
 )
+
+
+def with_reported_failures(
+    error: WorkerGroupError, reported: list[RankFailure]
+) -> WorkerGroupError:
+    """``error`` with the failures that ranks reported through the driver channel and Spark's
+    error left out (it names only the first failed task). A rank that only lost its peers is a
+    consequence, not a failure of its own: it is added only when no rank has a real error."""
+    known = {f.rank for f in error.failures}
+    extra = [f for f in reported if f.rank not in known]
+    if any(not is_peer_loss_failure(f) for f in error.failures + extra):
+        extra = [f for f in extra if not is_peer_loss_failure(f)]
+    if not extra:
+        return error
+    failures = sorted(error.failures + extra, key=lambda f: (is_peer_loss_failure(f), f.rank))
+    return type(error)(failures, error.detail)
 
 
 def worker_group_error(exc: BaseException) -> WorkerGroupError:

@@ -31,6 +31,7 @@ import warnings
 from typing import Any, TextIO
 
 from sparkdl import storage
+from sparkdl.errors import RankFailure
 
 __all__ = ["RunMonitor", "SparkPhaseProgress", "format_progress", "is_interactive"]
 
@@ -105,6 +106,8 @@ class RunMonitor:
         self.log_interval_s = log_interval_s
         self._lock = threading.Lock()
         self._files: dict[int, TextIO] = {}
+        self.failures: list[RankFailure] = []
+        """Each failing rank's own report (the launcher adds those Spark did not report)."""
         self._local_logs = storage.local_path(log_dir) if log_dir else None
         self._remote_lines: dict[int, collections.deque[str]] = {}
         self._bar: Any = None
@@ -127,7 +130,9 @@ class RunMonitor:
         if not isinstance(rank, int) or not 0 <= rank < _MAX_RANK:
             return
         with self._lock:
-            if kind == "log":
+            if kind == "failure":
+                self.failures.extend(RankFailure.decode_all(str(frame.get("failure", ""))))
+            elif kind == "log":
                 self._log_line(rank, frame)
             elif kind == "progress" and self.progress:
                 self._progress(frame)

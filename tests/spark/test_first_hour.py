@@ -95,3 +95,22 @@ def test_what_the_run_reports(frame, tmp_path, small_estimator, caplog):
     # the dataset phase shows its progress too (pytest is no terminal: log lines, not a bar)
     phase = [r.getMessage() for r in caplog.records if "materialize:" in r.getMessage()]
     assert phase and phase[-1].startswith("run: materialize: ") and "Spark tasks done" in phase[-1]
+
+
+def every_rank_raises():
+    import sparkdl
+
+    raise ValueError(f"bad batch on rank {sparkdl.get_context().rank}")
+
+
+def test_when_both_ranks_fail_the_error_says_two(spark_local):
+    import sparkdl
+    from sparkdl.errors import WorkerGroupError
+
+    with pytest.raises(WorkerGroupError) as info:
+        sparkdl.Distributor(2, spark=spark_local, timeout_s=120).run(every_rank_raises)
+    error = info.value
+    assert sorted(error.ranks) == [0, 1], str(error)
+    assert str(error).startswith("2 rank(s) failed:")
+    assert error.headline.startswith("2 rank(s) failed; rank ")
+    assert all("bad batch on rank" in f.message for f in error.failures)

@@ -95,3 +95,20 @@ def test_pipeline_job_sections():
         load_config(None, ["prepare.mode=append"])
     with pytest.raises(ConfigError, match="predict.mode"):
         load_config(None, ["predict.mode=reuse"])
+
+
+def test_failures_reported_by_ranks_join_the_group_error():
+    from sparkdl.launch.launcher import with_reported_failures
+
+    def failure(rank, exc):
+        return RankFailure.from_exception(rank, exc)
+
+    real = failure(1, ValueError("bad batch on 1"))
+    lost = failure(0, RuntimeError("Connection closed by peer [127.0.0.1]:1234"))
+    other = failure(0, KeyError("bad batch on 0"))
+    spark_saw = WorkerGroupError([real])
+    assert with_reported_failures(spark_saw, [real, lost]).ranks == [1]  # a consequence only
+    both = with_reported_failures(spark_saw, [real, other])
+    assert both.ranks == [0, 1] and str(both).startswith("2 rank(s) failed:")
+    first_was_lost = with_reported_failures(WorkerGroupError([lost]), [real])
+    assert first_was_lost.ranks == [1, 0]  # the rank that really failed comes first
