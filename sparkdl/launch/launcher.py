@@ -298,7 +298,7 @@ def launch_barrier(
     ``name`` is the Spark job description (see :func:`job_description`).
     """
     n = options.num_workers
-    with spark_job_phase(sc, name) as group:
+    with spark_job_phase(sc, name) as group, _quiet_task_failure_logs(sc):
         watch = _StartWatch(sc, group, n, timeout_s)
         watch.start()
         try:
@@ -372,6 +372,38 @@ _LOST_TASK_RES = (
     # "barrier task ResultTask(0, 1) finished unsuccessfully.\n<reason>"
     re.compile(r"barrier task \w*Task\(\d+, (\d+)\) finished unsuccessfully\.?\s*\n?([^\n]*)"),
 )
+
+
+_TASK_FAILURE_LOGGERS = (
+    "org.apache.spark.executor.Executor",
+    "org.apache.spark.scheduler.TaskSetManager",
+)
+"""The JVM loggers that print a failed task's Python traceback and Java stack (twice) on the
+driver's console; sparkdl's WorkerGroupError says the same, once and readably."""
+
+
+@contextmanager
+def _quiet_task_failure_logs(sc: Any) -> Iterator[None]:
+    """(driver) Silence those loggers while a barrier stage runs (classic sessions with log4j2;
+    elsewhere a no-op), then put their levels back."""
+    saved: dict[str, Any] = {}
+    try:
+        jvm = sc._jvm
+        configurator = jvm.org.apache.logging.log4j.core.config.Configurator
+        manager = jvm.org.apache.logging.log4j.LogManager
+        for name in _TASK_FAILURE_LOGGERS:
+            saved[name] = manager.getLogger(name).getLevel()
+            configurator.setLevel(name, jvm.org.apache.logging.log4j.Level.OFF)
+    except Exception as exc:  # no JVM access (Connect) or another logging backend
+        log.debug("sparkdl: cannot quiet Spark's task-failure logs (%s)", exc)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            try:
+                configurator.setLevel(name, level)
+            except Exception as exc:
+                log.debug("sparkdl: cannot restore the level of %s (%s)", name, exc)
 
 
 def with_reported_failures(

@@ -107,8 +107,14 @@ def test_when_both_ranks_fail_the_error_says_two(spark_local):
     import sparkdl
     from sparkdl.errors import WorkerGroupError
 
+    jvm = spark_local.sparkContext._jvm
+    executor_log = jvm.org.apache.logging.log4j.LogManager.getLogger(
+        "org.apache.spark.executor.Executor"
+    )
+    before = str(executor_log.getLevel())
     with pytest.raises(WorkerGroupError) as info:
         sparkdl.Distributor(2, spark=spark_local, timeout_s=120).run(every_rank_raises)
+    assert str(executor_log.getLevel()) == before  # quieted for the stage only
     error = info.value
     assert sorted(error.ranks) == [0, 1], str(error)
     assert str(error).startswith("2 rank(s) failed:")
