@@ -325,13 +325,19 @@ def _unused_name(columns: Sequence[str], base: str) -> str:
 def _with_map_in_arrow(df: DataFrame, exprs: list[Column], plan: _Plan, outputs: list[str]):
     from pyspark.sql.types import ArrayType, DoubleType, FloatType, StructField, StructType
 
-    inputs = [_unused_name(df.columns, f"__sparkdl_in_{i}__") for i in range(len(exprs))]
-    prepared = df.select("*", *[e.alias(name) for e, name in zip(exprs, inputs)])
-    fields = list(df.schema.fields) + [StructField(outputs[0], DoubleType(), False)]
+    # mapInArrow resolves every input column by name, which fails for duplicate names (after a
+    # join) or names with dots: it runs on positional names, and the real ones come back after.
+    keep = len(df.columns)
+    inputs = [f"_in{i}" for i in range(len(exprs))]
+    positional = [f"_c{i}" for i in range(keep)] + inputs
+    prepared = df.select("*", *exprs).toDF(*positional)
+    fields = [StructField(name, f.dataType, f.nullable) for name, f in zip(positional, df.schema)]
+    fields.append(StructField("_out0", DoubleType(), False))
     if len(outputs) > 1:
-        fields.append(StructField(outputs[1], ArrayType(FloatType(), False), False))
-    body = _map_body(plan, inputs, len(df.columns), outputs)
-    return prepared.mapInArrow(body, StructType(fields))
+        fields.append(StructField("_out1", ArrayType(FloatType(), False), False))
+    body = _map_body(plan, inputs, keep, [f.name for f in fields[keep:]])
+    scored = prepared.mapInArrow(body, StructType(fields))
+    return scored.toDF(*df.columns, *outputs)
 
 
 def predict_dataframe(
