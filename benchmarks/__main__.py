@@ -1,4 +1,4 @@
-"""Benchmarks, one subcommand each: ``python -m benchmarks [loader|launch|train|sync|inference|all]``.
+"""Benchmarks, one subcommand each: ``python -m benchmarks [loader|launch|train|sync|inference|materialize|all]``.
 
 Run from the repository root. ``all`` runs every benchmark with its defaults. Add a benchmark:
 a module with ``add_xxx(subparsers)`` that registers a subcommand with ``func=...``, listed in
@@ -13,11 +13,12 @@ import sys
 from benchmarks.inference import add_inference
 from benchmarks.launch import add_launch
 from benchmarks.loader import add_loader
+from benchmarks.materialize import add_materialize
 from benchmarks.sync import add_sync
 from benchmarks.train import add_train
 
-BENCHMARKS = [add_loader, add_launch, add_train, add_sync, add_inference]
-ALL = ("loader", "launch", "train", "sync", "inference")
+BENCHMARKS = [add_loader, add_launch, add_train, add_sync, add_inference, add_materialize]
+ALL = ("loader", "launch", "train", "sync", "inference", "materialize")
 
 
 def main(argv: list[str] | None = None) -> None:
