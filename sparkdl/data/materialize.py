@@ -34,7 +34,15 @@ from typing import TYPE_CHECKING, Any
 
 from sparkdl import storage
 from sparkdl.columns import quote_column
-from sparkdl.data.bad_input import ON_INVALID, check_on_invalid, drop_nonfinite, read_input
+from sparkdl.data.bad_input import (
+    MODES,
+    ON_INVALID,
+    check_on_invalid,
+    check_params,
+    drop_nonfinite,
+    read_input,
+)
+from sparkdl.data.bad_input import Params as _Params
 from sparkdl.data.dataset import ShardedDataset
 from sparkdl.data.manifest import FORMAT_VERSION, FileEntry, Manifest, ShardEntry
 from sparkdl.data.shard_jobs import (
@@ -53,26 +61,8 @@ __all__ = ["materialize", "MODES", "ON_INVALID", "check_on_invalid", "default_ro
 
 log = logging.getLogger("sparkdl")
 
-MODES = ("error", "overwrite", "reuse")
 _MAX_ROW_GROUP_ROWS = 1 << 16
 _ROW_GROUPS_PER_SHARD = 8
-
-
-@dataclass(frozen=True)
-class _Params:
-    feature_cols: tuple[str, ...]
-    label_col: str
-    num_shards: int
-    seed: int
-    mode: str
-    validation_fraction: float
-    replicas: int
-    row_group_rows: int | None
-    validation_col: str | None = None
-
-    @property
-    def has_validation(self) -> bool:
-        return self.validation_fraction > 0 or self.validation_col is not None
 
 
 @dataclass(frozen=True)
@@ -131,7 +121,7 @@ def materialize(
     with mode="error".
     """
     check_on_invalid(on_invalid)
-    params = _check_params(
+    params = check_params(
         feature_cols,
         label_col,
         num_shards,
@@ -179,99 +169,7 @@ def default_row_group_rows(shard_rows: int) -> int:
     return max(1, min(_MAX_ROW_GROUP_ROWS, math.ceil(shard_rows / _ROW_GROUPS_PER_SHARD)))
 
 
-# --- parameters and columns (driver, schema only) --------------------------------------------
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_params(
-    feature_cols: Any,
-    label_col: Any,
-    num_shards: Any,
-    seed: Any,
-    mode: Any,
-    validation_fraction: Any,
-    replicas: Any,
-    row_group_rows: Any,
-    validation_col: Any = None,
-) -> _Params:
-    if isinstance(feature_cols, str) or not isinstance(feature_cols, (list, tuple)):
-        raise ConfigError(
-            f"feature_cols must be a list of column names, got {feature_cols!r}. "
-            'Pass e.g. feature_cols=["features"].'
-        )
-    if not feature_cols or not all(isinstance(c, str) and c for c in feature_cols):
-        raise ConfigError(
-            f"feature_cols must be a non-empty list of column names, got {feature_cols!r}. "
-            "Name at least one feature column."
-        )
-    if len(set(feature_cols)) != len(feature_cols):
-        raise ConfigError(
-            f"feature_cols must not repeat a column, got {feature_cols!r}. Drop the duplicates."
-        )
-    if not isinstance(label_col, str) or not label_col:
-        raise ConfigError(f"label_col must be a column name, got {label_col!r}. Pass e.g. 'label'.")
-    if label_col in feature_cols:
-        raise ConfigError(
-            f"label_col must not be one of feature_cols, got {label_col!r} in both. "
-            "Remove it from feature_cols."
-        )
-    if not _is_int(num_shards) or num_shards < 1:
-        raise ConfigError(
-            f"num_shards must be an integer >= 1, got {num_shards!r}. Use the number of workers."
-        )
-    if not _is_int(seed) or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}. Pass e.g. seed=0.")
-    if mode not in MODES:
-        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}. Pick one of those.")
-    if not isinstance(validation_fraction, (int, float)) or not 0 <= validation_fraction < 1:
-        raise ConfigError(
-            f"validation_fraction must be in [0, 1), got {validation_fraction!r}. "
-            "Pass e.g. 0.1, or 0 for no validation split."
-        )
-    _check_validation_col(validation_col, validation_fraction, feature_cols, label_col)
-    if not _is_int(replicas) or replicas < 1:
-        raise ConfigError(f"replicas must be an integer >= 1, got {replicas!r}. Pass 1, 2 or 3.")
-    if row_group_rows is not None and (not _is_int(row_group_rows) or row_group_rows < 1):
-        raise ConfigError(
-            f"row_group_rows must be None or an integer >= 1, got {row_group_rows!r}. "
-            "Leave it None for the default."
-        )
-    return _Params(
-        tuple(feature_cols),
-        label_col,
-        num_shards,
-        seed,
-        mode,
-        float(validation_fraction),
-        replicas,
-        row_group_rows,
-        validation_col,
-    )
-
-
-def _check_validation_col(
-    validation_col: Any, validation_fraction: Any, feature_cols: Any, label_col: Any
-) -> None:
-    if validation_col is None:
-        return
-    if not isinstance(validation_col, str) or not validation_col:
-        raise ConfigError(
-            f"validation_col must be None or a column name, got {validation_col!r}. "
-            "Pass e.g. validation_col='is_validation'."
-        )
-    if validation_fraction:
-        raise ConfigError(
-            f"validation_fraction must be 0 when validation_col is set, got "
-            f"{validation_fraction!r} with validation_col={validation_col!r}. Use one of them."
-        )
-    if validation_col in feature_cols or validation_col == label_col:
-        raise ConfigError(
-            f"validation_col must not be a feature or label column, got {validation_col!r}. "
-            "Use a separate boolean column."
-        )
+# --- columns (driver, schema only) --------------------------------------------------------
 
 
 def _column_kind(name: str, dtype: Any) -> str | None:
