@@ -1,14 +1,17 @@
 """[driver] DataFrame → sharded Parquet + manifest, done by Spark in two Arrow-columnar jobs.
 
-1. *Scan*: the converted DataFrame (features cast to float32 / array<float>, vectors through
-   ``vector_to_array``, label to int64 or float32) is persisted, and one ``mapInArrow`` pass
+1. *Scan and route*: one ``mapInArrow`` pass over the converted DataFrame (features cast to
+   float32 / array<float>, vectors through ``vector_to_array``, label to int64 or float32)
    returns per partition its row count, the validation-split count, null / NaN / inf counts and
-   array lengths per column, and a content digest. The driver validates these before any write.
-2. *Route and write*: global row ``i`` of a split goes to shard ``i % num_shards`` (equal rows
-   ±1, in the DataFrame's row order); ``mapInArrow`` emits Arrow IPC pieces keyed by
-   (shard, first row), ``repartitionAndSortWithinPartitions`` puts each shard's pieces in one
-   partition in row order, and that task writes the shard's Parquet file (row groups sized so
-   every shard has several), its replicas, and returns a small record (rows, bytes, sha256).
+   array lengths per column, and a content digest, and cuts its rows into Arrow IPC pieces, one
+   per (split, row index in the split modulo ``num_shards``) and Arrow batch. The result is
+   persisted; only the summaries come to the driver, which validates them before any write.
+2. *Write*: global row ``i`` of a split goes to shard ``i % num_shards`` (equal rows ±1, in the
+   DataFrame's row order): with the partitions' offsets, a piece's shard and first global row
+   are column arithmetic; ``repartition`` + ``sortWithinPartitions`` put each shard's pieces in
+   one partition in row order (up to 16 MiB of data, one task takes all shards, no shuffle), and
+   the task writes the shard's Parquet file (row groups sized so every shard has several), its
+   replicas, and returns a small record (rows, bytes, sha256).
 
 The executor-side bodies of both jobs are in :mod:`sparkdl.data.shard_jobs`; this module holds
 the parameter checks and the orchestration. The driver writes ``_sparkdl_manifest.json`` last,
@@ -25,10 +28,12 @@ pyspark is imported inside functions only, so importing this module does not imp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,9 +52,12 @@ from sparkdl.data.dataset import ShardedDataset
 from sparkdl.data.manifest import FORMAT_VERSION, FileEntry, Manifest, ShardEntry
 from sparkdl.data.shard_jobs import (
     FLAG,
-    route_partition,
+    KEY,
+    PIECES_SCHEMA,
+    RECORDS_SCHEMA,
+    ROW,
+    partition_keys,
     scan_partition,
-    shard_of_key,
     write_partition,
 )
 from sparkdl.errors import ConfigError, DataError
@@ -63,6 +71,10 @@ log = logging.getLogger("sparkdl")
 
 _MAX_ROW_GROUP_ROWS = 1 << 16
 _ROW_GROUPS_PER_SHARD = 8
+_WRITE_BATCH_BYTES = 64 << 20
+"""Job 2's Arrow batches of pieces hold about this many bytes (Spark < 4 caps them by count only)."""
+_ONE_WRITER_BYTES = 16 << 20
+"""Up to this much data one task writes every shard: no shuffle, no task per shard."""
 
 
 @dataclass(frozen=True)
@@ -145,9 +157,17 @@ def materialize(
     if on_invalid == "skip":
         kinds = [kind for _, kind in layout.features] + ["scalar"]
         converted = drop_nonfinite(converted, layout.positional, kinds)
-    converted = converted.persist()
+    fn = scan_partition(
+        layout.positional,
+        layout.columns,
+        params.num_shards,
+        params.seed,
+        params.validation_fraction,
+        [getattr(f.dataType, "containsNull", None) for f in converted.schema if f.name != FLAG],
+    )
+    pieces = converted.mapInArrow(fn, _spark_schema(PIECES_SCHEMA)).persist()
     try:
-        scan = read_input(lambda: _scan(converted, layout, params))
+        scan = read_input(lambda: _scan(pieces, layout))
         counts = _check_scan(scan, layout, params)
         plan_hash = _plan_hash(params, layout, converted, scan)
         if exists and mode == "reuse":
@@ -155,9 +175,9 @@ def materialize(
         if exists:
             log.info("sparkdl: overwriting dataset at %s", uri)
             storage.remove_tree(fs, root)
-        records = _write_shards(converted, uri, params, scan, counts, layout.columns)
+        records = _write_shards(pieces, uri, params, scan, counts)
     finally:
-        converted.unpersist()
+        pieces.unpersist()
     manifest = _build_manifest(params, layout, counts, records, plan_hash, scan)
     manifest.save(uri)
     log.info("sparkdl: materialized %s rows into %d shards at %s", counts, params.num_shards, uri)
@@ -233,28 +253,41 @@ def _real_names(converted: DataFrame, layout: _Layout) -> Any:
     )
 
 
+def _spark_schema(schema: Any) -> Any:
+    """The Spark schema of a job's Arrow ``schema``. Types are objects throughout materialize:
+    the first type string of a session costs a third of a second (the SQL parser's start)."""
+    from pyspark.sql import types as T
+
+    types = {"int32": T.IntegerType(), "int64": T.LongType(), "binary": T.BinaryType()}
+    return T.StructType(
+        [T.StructField(f.name, types.get(str(f.type), T.StringType())) for f in schema]
+    )
+
+
 def _convert(df: DataFrame, layout: _Layout, validation_col: str | None = None) -> DataFrame:
-    from pyspark.ml.functions import vector_to_array
     from pyspark.sql import functions as F
+    from pyspark.sql import types as T
 
     exprs = []
     names = layout.positional
     for (name, kind), alias in zip(layout.features, names):
         col = F.col(quote_column(name))
         if kind == "scalar":
-            exprs.append(col.cast("float").alias(alias))
+            exprs.append(col.cast(T.FloatType()).alias(alias))
         elif kind == "array":
-            exprs.append(col.cast("array<float>").alias(alias))
+            exprs.append(col.cast(T.ArrayType(T.FloatType())).alias(alias))
         else:
+            from pyspark.ml.functions import vector_to_array  # pyspark.ml: only when needed
+
             exprs.append(vector_to_array(col, "float32").alias(alias))
-    label_sql = "bigint" if layout.label_type == "int64" else "float"
-    exprs.append(F.col(quote_column(layout.label_col)).cast(label_sql).alias(names[-1]))
+    label_type = T.LongType() if layout.label_type == "int64" else T.FloatType()
+    exprs.append(F.col(quote_column(layout.label_col)).cast(label_type).alias(names[-1]))
     if validation_col:
         exprs.append(F.coalesce(F.col(quote_column(validation_col)), F.lit(False)).alias(FLAG))
     return df.select(*exprs)
 
 
-# --- job 1: scan (the executors run shard_jobs.scan_partition) ------------------------------------
+# --- job 1: scan and route (the executors run shard_jobs.scan_partition) --------------------------
 
 
 @dataclass(frozen=True)
@@ -264,13 +297,17 @@ class _Scan:
     validation_rows: dict[int, int]
     stats: dict[str, dict[str, Any]]
     digest: str
+    piece_bytes: int = 0
+    payload_bytes: int = 0
 
 
-def _scan(converted: DataFrame, layout: _Layout, params: _Params) -> _Scan:
-    schema = "partition int, rows long, validation_rows long, stats string, digest string"
-    fn = scan_partition(layout.positional, params.seed, params.validation_fraction)
-    converted.sparkSession.sparkContext.setJobDescription("sparkdl materialize: scan")
-    rows = sorted(converted.mapInArrow(fn, schema).collect(), key=lambda r: r["partition"])
+def _scan(pieces: DataFrame, layout: _Layout) -> _Scan:
+    """Run job 1 (computing and persisting ``pieces``); its per-partition summaries combined."""
+    from pyspark.sql import functions as F
+
+    summaries = pieces.filter(F.col("key") < 0).drop("key", "start", "payload")
+    pieces.sparkSession.sparkContext.setJobDescription("sparkdl materialize: scan and route")
+    rows = sorted(summaries.collect(), key=lambda r: r["partition"])
     stats: dict[str, dict[str, Any]] = {
         c: {"nulls": 0, "nonfinite": 0, "lengths": set()} for c in layout.columns
     }
@@ -288,6 +325,8 @@ def _scan(converted: DataFrame, layout: _Layout, params: _Params) -> _Scan:
         validation_rows={r["partition"]: r["validation_rows"] for r in rows},
         stats=stats,
         digest=digest,
+        piece_bytes=max((r["piece_bytes"] for r in rows), default=0),
+        payload_bytes=sum(r["payload_bytes"] for r in rows),
     )
 
 
@@ -401,16 +440,15 @@ def _what_changed(manifest: Any, params: _Params) -> str:
     )
 
 
-# --- job 2: route and write (the executors run shard_jobs.route/write_partition) ------------------
+# --- job 2: write (the executors run shard_jobs.write_partition) ---------------------------------
 
 
 def _write_shards(
-    converted: DataFrame,
+    pieces: DataFrame,
     uri: str,
     params: _Params,
     scan: _Scan,
     counts: dict[str, int],
-    names: list[str],
 ) -> list[dict[str, Any]]:
     offsets: dict[int, list[int]] = {}
     running = [0, 0]
@@ -423,20 +461,71 @@ def _write_shards(
         params.row_group_rows or default_row_group_rows(math.ceil(counts[s] / params.num_shards))
         for s in splits
     ]
-    route = route_partition(
-        params.num_shards, params.seed, params.validation_fraction, offsets, names
+    n = params.num_shards
+    keys = partition_keys(n * len(splits))
+    located = _locate(pieces, offsets, keys, n)
+    one_task = scan.payload_bytes <= _ONE_WRITER_BYTES
+    by_shard = located.coalesce(1) if one_task else located.repartition(len(keys), KEY)
+    by_shard = by_shard.sortWithinPartitions(KEY, ROW)
+    write = write_partition(uri, n, rg_rows, params.replicas, params.label_col, keys)
+    spark = pieces.sparkSession
+    spark.sparkContext.setJobDescription("sparkdl materialize: write shards")
+    with _pieces_per_batch(spark, max(1, _WRITE_BATCH_BYTES // max(1, scan.piece_bytes))):
+        rows = by_shard.mapInArrow(write, _spark_schema(RECORDS_SCHEMA)).collect()
+    spark.sparkContext.setJobDescription(None)  # type: ignore[arg-type]
+    return [json.loads(r[0]) for r in rows]
+
+
+def _locate(pieces: DataFrame, offsets: dict[int, list[int]], keys: list[int], n: int) -> Any:
+    """The pieces with their shard's partition key (KEY) and first global row (ROW). A piece's
+    ``key`` is split * n + (the index in the split, within its partition, of its first row) % n;
+    its first global row is its partition's offset in the split + that index."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    by_partition = [offsets.get(p, [0, 0]) for p in range(max(offsets) + 1)]
+    split = F.when(F.col("key") >= n, 1).otherwise(0)
+    offset = F.element_at(
+        F.when(split == 0, _literal_array([o[0] for o in by_partition])).otherwise(
+            _literal_array([o[1] for o in by_partition])
+        ),
+        F.col("partition") + 1,
     )
-    sc = converted.sparkSession.sparkContext
-    sc.setJobDescription("sparkdl materialize: route and write shards")
-    pieces = converted.mapInArrow(route, "key int, start long, payload binary").rdd
-    keyed = pieces.map(lambda r: ((r[0], r[1]), r[2]))
-    by_shard = keyed.repartitionAndSortWithinPartitions(
-        numPartitions=params.num_shards * len(splits), partitionFunc=shard_of_key
+    shard = split * n + F.pmod(offset + F.col("key") % n, F.lit(n))
+    key = F.element_at(_literal_array(keys), (shard + 1).cast(T.IntegerType()))
+    return pieces.filter(F.col("key") >= 0).select(
+        key.cast(T.IntegerType()).alias(KEY),  # an int: partition_keys hashes ints
+        (offset + F.col("start")).alias(ROW),
+        "payload",
     )
-    write = write_partition(uri, params.num_shards, rg_rows, params.replicas, params.label_col)
-    records = [json.loads(r) for r in by_shard.mapPartitionsWithIndex(write).collect()]
-    sc.setJobDescription(None)  # type: ignore[arg-type]
-    return records
+
+
+def _literal_array(values: list[int]) -> Any:
+    """A literal array<bigint> from one string literal: one expression however many values
+    (a column expression per value costs the driver seconds for thousands of partitions)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    text = F.lit(",".join(str(v) for v in values))
+    return F.split(text, ",").cast(T.ArrayType(T.LongType()))
+
+
+@contextlib.contextmanager
+def _pieces_per_batch(spark: Any, records: int) -> Iterator[None]:
+    """Cap Arrow batches at ``records`` rows while job 2 runs (its rows are whole pieces) where
+    Spark caps them by count only (before 4.0, without arrow.maxBytesPerBatch); the session's
+    setting is restored after."""
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    before = spark.conf.get(key)
+    capped = spark.conf.get("spark.sql.execution.arrow.maxBytesPerBatch", None) is not None
+    if capped or 0 < int(before) <= records:
+        yield
+        return
+    spark.conf.set(key, str(records))
+    try:
+        yield
+    finally:
+        spark.conf.set(key, before)
 
 
 def _build_manifest(
