@@ -13,13 +13,14 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["materialize", "ShardedDataset", "ShardLoader", "Manifest"]
+__all__ = ["materialize", "ShardedDataset", "ShardLoader", "Manifest", "decode_images"]
 
 _EXPORTS = {
     "materialize": "sparkdl.data.materialize",
     "ShardedDataset": "sparkdl.data.dataset",
     "ShardLoader": "sparkdl.data.loader",
     "Manifest": "sparkdl.data.manifest",
+    "decode_images": "sparkdl.data.inputs",
 }
 
 
@@ -46,6 +47,7 @@ sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:
     from sparkdl.data.dataset import ShardedDataset
+    from sparkdl.data.inputs import decode_images
     from sparkdl.data.loader import ShardLoader
     from sparkdl.data.manifest import Manifest
     from sparkdl.data.materialize import materialize

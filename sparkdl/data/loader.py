@@ -32,6 +32,13 @@ otherwise. A ``transform(batch: dict[str, Tensor]) -> dict`` hook runs in the lo
 the loader then yields ``(out["features"], out["label"])`` where present, else the feature
 columns of ``out`` flattened and concatenated, and ``out[label_col]``.
 
+With named inputs (``feature_cols`` a dict, see :mod:`sparkdl.data.input_specs`) batches are
+``(inputs, label)``: ``inputs`` a dict of each argument's value (:func:`~sparkdl.data.inputs.
+build_inputs`, built per batch, so variable-length columns are padded to the batch's longest
+row); the rows stay Arrow through the shuffle buffer. ``transform`` then gets
+``{**inputs, label_col: label}`` and returns that kind of dict: the label under ``label_col``,
+every other key an input.
+
 Files are opened and verified through :meth:`ShardedDataset.open_file` (sha256 on first open,
 replicas as fallback).
 """
@@ -43,6 +50,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from sparkdl.data.dataset import (
@@ -52,6 +60,7 @@ from sparkdl.data.dataset import (
     rank_slice,
     steps_for,
 )
+from sparkdl.data.inputs import build_inputs, move_to
 from sparkdl.data.prefetch import prefetched
 from sparkdl.data.readers import source_class
 from sparkdl.data.sources import RowSource
@@ -61,7 +70,7 @@ __all__ = ["ShardedDataset", "ShardLoader", "rank_slice", "steps_for"]
 
 log = logging.getLogger("sparkdl")
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[Any, torch.Tensor]
 _BUFFER_BYTES = 64 << 20
 _BUFFER_MAX_ROWS = 1 << 17
 
@@ -116,6 +125,11 @@ class ShardLoader:
             raise ConfigError(f"transform must be callable, got {transform!r}. Pass a function.")
         m = dataset.manifest
         self._manifest = m
+        if m.inputs and reader != "pyarrow":
+            raise ConfigError(
+                f"reader must be 'pyarrow' for a dataset with named inputs, got {reader!r}. "
+                "Use reader='pyarrow' (petastorm reads a list of numeric columns only)."
+            )
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.shuffle, self.seed, self.split, self.drop_last = bool(shuffle), seed, split, drop_last
         self.prefetch_batches, self.transform = prefetch_batches, transform
@@ -138,7 +152,7 @@ class ShardLoader:
             # no batch (its len() is 0) and adds nothing to sums over ranks; callers that run
             # collectives per batch (see the worker's evaluate) even the counts out themselves.
             self._steps, self._budget = 0, 0
-        default_rows = _BUFFER_BYTES // (4 * (m.feature_dim + 1))
+        default_rows = _BUFFER_BYTES // _row_bytes(m, split)
         self.shuffle_buffer_rows = shuffle_buffer_rows or max(
             2 * batch_size, min(_BUFFER_MAX_ROWS, default_rows)
         )
@@ -216,7 +230,7 @@ class ShardLoader:
             produced = prefetched(produced, self.prefetch_batches)
         for features, label in produced:
             if self.device is not None:
-                features = features.to(self.device, non_blocking=self.pin_memory)
+                features = move_to(features, self.device, self.pin_memory)
                 label = label.to(self.device, non_blocking=self.pin_memory)
             self._consumed += 1
             yield features, label
@@ -260,7 +274,7 @@ class ShardLoader:
         for f, y in chunks:
             if not len(y):
                 continue
-            first = first or (f[:1], y[:1])
+            first = first or (f[0:1], y[:1])
             feats.append(f)
             labels.append(y)
             buffered += len(y)
@@ -273,7 +287,7 @@ class ShardLoader:
                     return
                 feats, labels, buffered = [F[full:]], [Y[full:]], buffered - full
         if buffered < left and first is not None:  # drop_last=False: a short rank repeats a row
-            feats.append(np.repeat(first[0], left - buffered, axis=0))
+            feats.append(_repeat_row(first[0], left - buffered))
             labels.append(np.repeat(first[1], left - buffered, axis=0))
         if feats:
             F, Y = self._mix(feats, labels, rng)
@@ -282,14 +296,20 @@ class ShardLoader:
     def _mix(
         self, feats: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        F = feats[0] if len(feats) == 1 else np.concatenate(feats)
+        F = feats[0] if len(feats) == 1 else _concat(feats)
         Y = labels[0] if len(labels) == 1 else np.concatenate(labels)
         if self.shuffle and len(Y) > 1:
             perm = rng.permutation(len(Y))
-            F, Y = np.take(F, perm, axis=0), np.take(Y, perm)  # take: ~2x faster than F[perm]
+            if isinstance(F, pa.Table):
+                F = F.take(pa.array(perm))
+            else:
+                F = np.take(F, perm, axis=0)  # take: ~2x faster than F[perm]
+            Y = np.take(Y, perm)
         return F, Y
 
-    def _finish(self, features: np.ndarray, label: np.ndarray) -> Batch:
+    def _finish(self, features: Any, label: np.ndarray) -> Batch:
+        if isinstance(features, pa.Table):
+            return self._finish_named(features, label)
         f = torch.from_numpy(_writable(features))
         y = torch.from_numpy(_writable(label))
         if self.transform is not None:
@@ -320,6 +340,53 @@ class ShardLoader:
             n = y.shape[0]
             features = torch.cat([out[c].reshape(n, -1).float() for c in m.feature_cols], dim=1)
         return features, out["label"] if "label" in out else out[m.label_col]
+
+    def _finish_named(self, table: pa.Table, label: np.ndarray) -> Batch:
+        """Named inputs: the batch's columns built into ``{argument: value}``, then the
+        transform on ``{**inputs, label_col: label}``; every key it returns besides the
+        label column's is an input."""
+        inputs = build_inputs(table, self._manifest.inputs)
+        y = torch.from_numpy(_writable(label))
+        if self.transform is not None:
+            label_col = self._manifest.label_col
+            out = self.transform({**inputs, label_col: y})
+            if not isinstance(out, dict):
+                raise DataError(
+                    f"transform must return a dict, got {type(out).__name__}. Return the batch "
+                    f"dict: the model's inputs by name, the label under {label_col!r}."
+                )
+            out = dict(out)
+            y = out.pop(label_col, y)
+            inputs = out
+        if self.pin_memory:
+            inputs, y = _pinned(inputs), y.pin_memory()
+        return inputs, y
+
+
+def _row_bytes(m: Any, split: str) -> int:
+    """About what one row takes in the shuffle buffer: its float32 values, or with named
+    inputs (binary, variable-length columns) twice its share of the split's file bytes."""
+    if not m.inputs:
+        return 4 * (m.feature_dim + 1)
+    rows = max(1, m.splits.get(split, 0))
+    return max(4 * (m.feature_dim + 1), 2 * sum(f.bytes for f in m.files_of(split)) // rows)
+
+
+def _concat(parts: list[Any]) -> Any:
+    if isinstance(parts[0], pa.Table):
+        return pa.concat_tables(parts).combine_chunks()
+    return np.concatenate(parts)
+
+
+def _repeat_row(rows: Any, count: int) -> Any:
+    """The first row of ``rows`` (an array or a table) ``count`` times."""
+    if isinstance(rows, pa.Table):
+        return rows.take(pa.array(np.zeros(count, dtype=np.int64)))
+    return np.repeat(rows, count, axis=0)
+
+
+def _pinned(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _writable(a: np.ndarray) -> np.ndarray:

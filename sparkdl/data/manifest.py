@@ -17,6 +17,15 @@ from typing import Any
 
 from sparkdl import storage
 from sparkdl._checks import expect_int
+from sparkdl.data.input_specs import (
+    InputSpec,
+    describe_arrow_type,
+    input_columns,
+    is_named,
+    plan_inputs,
+    specs_from_json,
+    specs_to_json,
+)
 from sparkdl.errors import DataError
 
 __all__ = [
@@ -101,7 +110,9 @@ class Manifest:
     """Everything a reader needs to know about a materialized dataset; see the module docstring.
 
     ``feature_shapes[i]`` is ``[]`` for a scalar column and ``[k]`` for a length-``k`` array
-    column; ``feature_dim`` is the width of the concatenated float32 feature vector.
+    column (the longest row for a variable-length one); ``feature_dim`` is the width of the
+    concatenated float32 feature vector. ``inputs``: the named inputs (model argument, columns,
+    kind; see :mod:`sparkdl.data.input_specs`) when ``feature_cols`` was a dict, else empty.
     """
 
     feature_cols: tuple[str, ...]
@@ -116,6 +127,7 @@ class Manifest:
     validation_fraction: float = 0.0
     replicas: int = 1
     plan_hash: str = ""
+    inputs: tuple[InputSpec, ...] = ()
     format_version: int = FORMAT_VERSION
     created: str = field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat()
@@ -151,6 +163,10 @@ class Manifest:
         d = asdict(self)
         d["feature_dim"] = self.feature_dim
         d["feature_shapes"] = [list(s) for s in self.feature_shapes]
+        if self.inputs:
+            d["inputs"] = specs_to_json(self.inputs)
+        else:
+            d.pop("inputs")  # a list of columns: the manifest reads as before named inputs
         return d
 
     @classmethod
@@ -169,6 +185,7 @@ class Manifest:
                 validation_fraction=float(d.get("validation_fraction", 0.0)),
                 replicas=int(d.get("replicas", 1)),
                 plan_hash=str(d.get("plan_hash", "")),
+                inputs=specs_from_json(d.get("inputs")),
                 format_version=int(d["format_version"]),
                 created=str(d.get("created", "")),
                 sparkdl_version=str(d.get("sparkdl_version", "unknown")),
@@ -328,18 +345,21 @@ def write_dataset(
     path: str,
     shards: list[Any],
     *,
-    feature_cols: list[str],
+    feature_cols: Any,
     label_col: str,
     validation_shards: list[Any] | None = None,
     row_group_rows: int | None = None,
     replicas: int = 1,
     seed: int = 0,
+    **input_options: Any,
 ) -> Manifest:
     """Write pyarrow Tables as a dataset without Spark (tests, small local data); return its manifest.
 
     ``shards[i]`` becomes train shard ``i`` (an empty table → an empty shard with no file);
-    ``validation_shards``, when given, must have as many entries. Feature columns may be
-    numeric or fixed-length list columns; the label integer or floating point. The manifest is
+    ``validation_shards``, when given, must have as many entries. ``feature_cols``: a list of
+    numeric or fixed-length list columns, or a dict of named inputs (see
+    :mod:`sparkdl.data.input_specs`; ``input_options``: its ``feature_shapes``,
+    ``max_lengths``, ``pad_values``); the label integer or floating point. The manifest is
     written last. Use ``ShardedDataset.load(path)`` to read it.
     """
     import pyarrow.parquet as pq
@@ -362,9 +382,13 @@ def write_dataset(
                 files = (describe_file(root, rel, copies, fs=fs),)
             entries.append(ShardEntry(index=index, split=split, files=files))
     sample = next(t for t in shards if t.num_rows)
+    columns, shapes, inputs = _feature_fields(
+        feature_cols, [t for tables in splits.values() for t in tables], input_options
+    )
     manifest = Manifest(
-        feature_cols=tuple(feature_cols),
-        feature_shapes=tuple(_shape_of(sample, c) for c in feature_cols),
+        feature_cols=columns,
+        feature_shapes=shapes,
+        inputs=inputs,
         label_col=label_col,
         label_type="int64" if _is_integer(sample.schema.field(label_col).type) else "float32",
         num_shards=len(shards),
@@ -376,6 +400,31 @@ def write_dataset(
     )
     manifest.save(path)
     return manifest
+
+
+def _feature_fields(
+    feature_cols: Any, tables: list[Any], options: dict[str, Any]
+) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...], tuple[InputSpec, ...]]:
+    """(columns, their shapes, named inputs) of ``feature_cols`` over the rows of ``tables``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not is_named(feature_cols):
+        sample = next(t for t in tables if t.num_rows)
+        return tuple(feature_cols), tuple(_shape_of(sample, c) for c in feature_cols), ()
+    columns = input_columns(feature_cols)
+    schema = tables[0].schema
+    bases = {c: describe_arrow_type(schema.field(c).type) for c in columns}
+    lengths: dict[str, tuple[int, int]] = {}
+    for c in columns:
+        if bases[c].startswith("list_"):
+            found = [pc.list_value_length(t.column(c)) for t in tables if t.num_rows]
+            chunks = [x.cast(pa.int64()) for f in found for x in f.chunks]
+            bounds = pc.min_max(pa.chunked_array(chunks, pa.int64()))
+            lengths[c] = (bounds["min"].as_py() or 0, bounds["max"].as_py() or 0)
+    inputs = plan_inputs(feature_cols, bases, lengths, **options)
+    shapes = tuple((max(1, lengths[c][1]),) if c in lengths else () for c in columns)
+    return tuple(columns), shapes, inputs
 
 
 PARQUET_PLAN_PREFIX = "parquet:"

@@ -28,8 +28,9 @@ from sparkdl.errors import DataError
 
 __all__ = ["Chunk", "RowSource", "PyArrowSource", "decode_table", "plan_pieces"]
 
-Chunk = tuple[np.ndarray, np.ndarray]
-"""Decoded rows: (float32 features ``[n, feature_dim]``, label ``[n]``)."""
+Chunk = tuple[Any, np.ndarray]
+"""Decoded rows: (float32 features ``[n, feature_dim]``, label ``[n]``); with named inputs the
+features are the rows' input columns as a ``pyarrow.Table`` (built into tensors per batch)."""
 
 
 class RowSource(Protocol):
@@ -141,9 +142,14 @@ class PyArrowSource:
 
 
 def decode_table(table: pa.Table, manifest: Manifest) -> Chunk:
-    """Column-wise Arrow → (float32 features ``[n, feature_dim]``, label ``[n]``), no per-row Python."""
+    """Column-wise Arrow → (float32 features ``[n, feature_dim]``, label ``[n]``), no per-row
+    Python; with named inputs (``manifest.inputs``), (the input columns' table, label)."""
     n = table.num_rows
     cols, shapes = manifest.feature_cols, manifest.feature_shapes
+    label_dtype = np.int64 if manifest.label_type == "int64" else np.float32
+    if manifest.inputs:  # named inputs: the columns stay Arrow until a batch is built
+        label = _column_values(table, manifest.label_col, n, (), label_dtype)
+        return table.select(list(cols)), label
     if len(cols) == 1:
         features = _column_values(table, cols[0], n, shapes[0]).reshape(n, manifest.feature_dim)
     else:
@@ -154,7 +160,6 @@ def decode_table(table: pa.Table, manifest: Manifest) -> Chunk:
             values = _column_values(table, col, n, shape)
             blocks.append(values.reshape(1, n) if not shape else values.reshape(n, shape[0]).T)
         features = np.ascontiguousarray(np.concatenate(blocks, axis=0).T)
-    label_dtype = np.int64 if manifest.label_type == "int64" else np.float32
     label = _column_values(table, manifest.label_col, n, (), label_dtype)
     return features, label
 

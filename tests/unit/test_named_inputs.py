@@ -1,0 +1,237 @@
+"""Named inputs (issue 15) without Spark: every column kind → tensor dtype and shape, padding,
+truncation and lengths, decode_images, model calls, and the loader's named batches with
+transform, shuffle and resume."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from sparkdl.data import ShardedDataset, ShardLoader, decode_images
+from sparkdl.data.input_specs import InputSpec, check_feature_cols, plan_inputs
+from sparkdl.data.inputs import build_inputs, call_model
+from sparkdl.data.manifest import write_dataset
+from sparkdl.errors import ConfigError, DataError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _png(value: int, size=(8, 8)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (value, 255 - value, 0)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _table(n: int = 10) -> pa.Table:
+    rng = np.random.default_rng(0)
+    tokens = [list(range(1, 1 + (i % 4) + 1)) for i in range(n)]
+    return pa.table(
+        {
+            "user": pa.array(np.arange(n) * 3, pa.int32()),
+            "price": pa.array(rng.random(n), pa.float64()),
+            "flag": pa.array([i % 2 == 0 for i in range(n)]),
+            "age": pa.array(np.arange(n), pa.int64()),
+            "vec": pa.array([[float(i), 1.0, 2.0] for i in range(n)], pa.list_(pa.float32())),
+            "pixels": pa.array([[i] * 4 for i in range(n)], pa.list_(pa.int16())),
+            "tokens": pa.array(tokens, pa.list_(pa.int64())),
+            "events": pa.array([[0.5] * (i % 3) for i in range(n)], pa.list_(pa.float32())),
+            "image": pa.array([_png(i) for i in range(n)], pa.binary()),
+            "label": pa.array(np.arange(n) % 2, pa.int64()),
+        }
+    )
+
+
+FEATURES = {
+    "user": "user",
+    "price": "price",
+    "flag": "flag",
+    "dense": ["age", "vec"],
+    "pixels": "pixels",
+    "tokens": "tokens",
+    "events": "events",
+    "image": "image",
+}
+
+
+def test_every_column_kind_becomes_its_tensor(tmp_path):
+    manifest = write_dataset(
+        str(tmp_path / "ds"),
+        [_table()],
+        feature_cols=FEATURES,
+        label_col="label",
+        feature_shapes={"pixels": [1, 2, 2]},
+        max_lengths={"tokens": 3},
+        pad_values={"tokens": -1},
+    )
+    kinds = {s.name: (s.kind, s.dtype) for s in manifest.inputs}
+    assert kinds == {
+        "user": ("int", "int64"),
+        "price": ("float", "float32"),
+        "flag": ("float", "float32"),
+        "dense": ("dense", "float32"),
+        "pixels": ("array", "int64"),
+        "tokens": ("ragged", "int64"),
+        "events": ("ragged", "float32"),
+        "image": ("binary", "bytes"),
+    }
+    batch = build_inputs(_table(), manifest.inputs)
+    assert batch["user"].dtype == torch.int64 and batch["user"].tolist()[:3] == [0, 3, 6]
+    assert batch["price"].dtype == torch.float32 and batch["price"].shape == (10,)
+    assert batch["flag"].tolist()[:2] == [1.0, 0.0]
+    assert batch["dense"].dtype == torch.float32 and batch["dense"].shape == (10, 4)
+    assert batch["dense"][2].tolist() == [2.0, 2.0, 1.0, 2.0]
+    assert batch["pixels"].dtype == torch.int64 and batch["pixels"].shape == (10, 1, 2, 2)
+    # tokens: rows of 1..4 ids, capped at 3 (truncating), padded with -1
+    assert batch["tokens"].shape == (10, 3)
+    assert batch["tokens"][0].tolist() == [1, -1, -1]
+    assert batch["tokens"][3].tolist() == [1, 2, 3]
+    assert batch["tokens_length"].tolist()[:4] == [1, 2, 3, 3]
+    assert batch["events"].dtype == torch.float32 and batch["events"].shape == (10, 2)
+    assert batch["events_length"].tolist()[:3] == [0, 1, 2]
+    assert isinstance(batch["image"], list) and batch["image"][1] == _png(1)
+
+
+def test_padding_follows_the_batch_and_slices(tmp_path):
+    spec = InputSpec("t", ("t",), "ragged", "int64", (), None, 0.0)
+    column = pa.array([[1, 2, 3, 4, 5], [6], [7, 8]], pa.list_(pa.int64()))
+    table = pa.table({"t": column}).slice(1, 2)  # a slice: offsets do not start at 0
+    out = build_inputs(table, [spec])
+    assert out["t"].tolist() == [[6, 0], [7, 8]]
+    assert out["t_length"].tolist() == [1, 2]
+    empty = build_inputs(pa.table({"t": column}).slice(0, 0), [spec])
+    assert empty["t"].shape == (0, 0)
+
+
+def test_declared_shapes_and_bad_columns_name_the_column():
+    bases = {"img": "list_float", "name": "string", "grid": "nested_float", "m": "map<x>"}
+    lengths = {"img": (784, 784)}
+    with pytest.raises(DataError, match=r"feature_shapes\['img'\].*784"):
+        plan_inputs({"img": "img"}, bases, lengths, feature_shapes={"img": [1, 28, 27]})
+    with pytest.raises(DataError, match="'name'.*Tokenize"):
+        plan_inputs({"name": "name"}, bases, {})
+    with pytest.raises(DataError, match="'grid'.*feature_shapes"):
+        plan_inputs({"grid": "grid"}, bases, {})
+    with pytest.raises(DataError, match="'m'"):
+        plan_inputs({"m": "m"}, bases, {})
+    with pytest.raises(ConfigError, match="max_lengths keys"):
+        plan_inputs({"img": "img"}, bases, lengths, max_lengths={"other": 3})
+    with pytest.raises(ConfigError, match="identifiers"):
+        check_feature_cols({"not ok": "x"})
+    assert check_feature_cols(["a", "b"]) == ["a", "b"]
+
+
+def test_nulls_and_wrong_lengths_name_the_column():
+    spec = InputSpec("img", ("px",), "array", "float32", (2, 2))
+    with pytest.raises(DataError, match="'px'.*4 values per row"):
+        build_inputs(pa.table({"px": pa.array([[1.0, 2.0, 3.0]])}), [spec])
+    ids = InputSpec("user", ("u",), "int", "int64")
+    with pytest.raises(DataError, match="'u'.*nulls"):
+        build_inputs(pa.table({"u": pa.array([1, None])}), [ids])
+
+
+def test_decode_images_is_to_tensor_layout():
+    images = [_png(0, (6, 4)), _png(255, (6, 4))]
+    out = decode_images(images)
+    assert out.shape == (2, 3, 4, 6) and out.dtype == torch.float32
+    assert out[0, 1].max().item() == 1.0 and out[1, 0].min().item() == 1.0
+    resized = decode_images(images, size=(8, 8), mode="L")
+    assert resized.shape == (2, 1, 8, 8) and 0.0 <= resized.min() <= resized.max() <= 1.0
+    with pytest.raises(DataError, match=r"images\[1\]"):
+        decode_images([images[0], b"not an image"])
+    with pytest.raises(DataError, match="size"):
+        decode_images([_png(0, (6, 4)), _png(0, (4, 4))])
+
+
+class _Model(torch.nn.Module):
+    def forward(self, tokens, tokens_length):
+        return tokens.sum(1) + tokens_length
+
+
+class _NoLengths(torch.nn.Module):
+    def forward(self, tokens):
+        return tokens.sum(1)
+
+
+def test_lengths_reach_only_a_forward_that_takes_them():
+    inputs = {"tokens": torch.ones(2, 3), "tokens_length": torch.tensor([3, 1])}
+    assert call_model(_Model(), inputs).tolist() == [6, 4]
+    assert call_model(_NoLengths(), inputs).tolist() == [3, 3]
+    assert call_model(torch.nn.Identity(), torch.ones(2)).tolist() == [1, 1]
+
+
+def _loader_dataset(tmp_path, rows=40):
+    n = rows
+    table = pa.table(
+        {
+            "user": pa.array(np.arange(n), pa.int64()),
+            "tokens": pa.array([[i] * (1 + i % 5) for i in range(n)], pa.list_(pa.int64())),
+            "label": pa.array(np.arange(n), pa.int64()),
+        }
+    )
+    write_dataset(
+        str(tmp_path / "ds"),
+        [table.slice(0, n // 2), table.slice(n // 2)],
+        feature_cols={"user": "user", "tokens": "tokens"},
+        label_col="label",
+        row_group_rows=5,
+    )
+    return ShardedDataset.load(str(tmp_path / "ds"))
+
+
+def test_loader_yields_named_batches_in_a_seeded_order(tmp_path):
+    ds = _loader_dataset(tmp_path)
+    loader = ds.loader(0, 2, batch_size=4, shuffle=True, seed=3, shuffle_buffer_rows=8)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 5
+    seen = []
+    for inputs, label in batches:
+        assert set(inputs) == {"user", "tokens", "tokens_length"}
+        assert inputs["user"].dtype == torch.int64 and label.tolist() == inputs["user"].tolist()
+        # each row's tokens are its own id repeated (1 + id % 5) times, then padding
+        for uid, row, length in zip(label.tolist(), inputs["tokens"], inputs["tokens_length"]):
+            assert length.item() == 1 + uid % 5 and row[: length.item()].tolist() == [uid] * length
+            assert row[length.item() :].eq(0).all()
+        seen += label.tolist()
+    assert sorted(seen) == list(range(20)) and seen != list(range(20))
+    again = [
+        b[1].tolist()
+        for b in ds.loader(0, 2, batch_size=4, shuffle=True, seed=3, shuffle_buffer_rows=8)
+    ]
+    assert again == [b[1].tolist() for b in batches]
+
+
+def test_transform_runs_per_batch_in_order_and_a_resumed_epoch_repeats_it(tmp_path):
+    ds = _loader_dataset(tmp_path)
+    calls: list[list[int]] = []
+
+    def transform(batch):
+        calls.append(batch["label"].tolist())
+        return {"ids": batch["user"] * 10, "label": batch["label"] + 100}
+
+    def loader():
+        return ds.loader(1, 2, batch_size=3, shuffle=True, seed=1, epoch=2, transform=transform)
+
+    full = [(b[0]["ids"].tolist(), b[1].tolist()) for b in loader()]
+    assert all(set(map(lambda x: x // 10, ids)) == {y - 100 for y in ys} for ids, ys in full)
+    assert calls == [[y - 100 for y in ys] for _, ys in full]
+    first = loader()
+    it = iter(first)
+    next(it), next(it)
+    state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    calls.clear()
+    rest = [(b[0]["ids"].tolist(), b[1].tolist()) for b in resumed]
+    assert rest == full[2:]
+    assert len(calls) == len(full) - 2  # skipped batches are never built nor transformed
+
+
+def test_named_inputs_refuse_petastorm(tmp_path):
+    ds = _loader_dataset(tmp_path)
+    with pytest.raises(ConfigError, match="reader must be 'pyarrow'"):
+        ShardLoader(ds, 0, 1, batch_size=2, reader="petastorm")
