@@ -467,8 +467,17 @@ class TrainSpec:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: tuple[FaultInjection, ...] = ()
     """Deliberate failures for tests (see FaultInjection); empty in real runs."""
+    transform_fn: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """Runs in the loader thread on every training batch's dict before the model sees it
+    (see ``ShardLoader``'s ``transform``); None: the batches as built."""
+    inference_transform_fn: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """The same for validation batches (None: ``transform_fn``), e.g. without augmentation."""
 
     def __post_init__(self) -> None:
         for name, value in (("dataset_path", self.dataset_path), ("run_dir", self.run_dir)):
             if not isinstance(value, str) or not value:
                 raise fail(name, "a non-empty path or URI", value, "Pass a directory")
+        for name in ("transform_fn", "inference_transform_fn"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise fail(name, "None or a function of the batch dict", value, "Pass a function")

@@ -1,5 +1,5 @@
-"""[driver] Bad input while materializing: its parameters, NaN/inf rows (``on_invalid``) and
-unreadable sources."""
+"""[driver] Bad input while materializing: its parameters, NaN/inf rows (``on_invalid``),
+unreadable sources, and a dataset ``mode="reuse"`` must not serve (stale data)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sparkdl.columns import quote_column
+from sparkdl.data.dataset import ShardedDataset
 from sparkdl.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ __all__ = [
     "check_params",
     "drop_nonfinite",
     "read_input",
+    "reuse",
 ]
 
 log = logging.getLogger("sparkdl")
@@ -153,8 +155,8 @@ def _check_validation_col(
 
 
 def drop_nonfinite(converted: DataFrame, columns: list[str], kinds: list[str]) -> DataFrame:
-    """Rows whose ``columns`` (of kind "scalar" or "array"/"vector", converted to float) are all
-    finite; nulls are kept (and refused by materialize's scan).
+    """Rows whose ``columns`` (of kind "scalar" or "array"/"vector", converted to float; "none"
+    is not checked) are all finite; nulls are kept (and refused by materialize's scan).
 
     Logs how many rows were dropped (one extra count over the converted input).
     """
@@ -166,7 +168,8 @@ def drop_nonfinite(converted: DataFrame, columns: list[str], kinds: list[str]) -
     conditions = []
     for name, kind in zip(columns, kinds):
         col = F.col(quote_column(name))
-        conditions.append(finite(col) if kind == "scalar" else F.forall(col, finite))
+        if kind != "none":  # "none": integers, bytes: always finite
+            conditions.append(finite(col) if kind == "scalar" else F.forall(col, finite))
     valid = conditions[0]
     for condition in conditions[1:]:
         valid = valid & F.coalesce(condition, F.lit(True))
@@ -201,3 +204,50 @@ def read_input(job: Any) -> Any:
             f"{causes[0][:500]}. Remove or rewrite the corrupt file (or set "
             "spark.sql.files.ignoreCorruptFiles=true to skip such files)."
         ) from None
+
+
+def reuse(uri: str, plan_hash: str, params: Params) -> ShardedDataset:
+    """The dataset at ``uri`` when ``plan_hash`` (data + parameters) matches its manifest's;
+    else ConfigError saying what changed."""
+    try:
+        dataset = ShardedDataset.load(uri)
+    except DataError as e:
+        raise ConfigError(
+            f"path must hold a complete sparkdl dataset for mode='reuse', got {uri!r} ({e}). "
+            "Pass mode='overwrite' to rebuild it."
+        ) from e
+    if dataset.manifest.plan_hash != plan_hash:
+        raise ConfigError(
+            f"dataset at {uri!r} must match this DataFrame and these parameters for "
+            f"mode='reuse', got a different {_what_changed(dataset.manifest, params)}. "
+            "Pass mode='overwrite' to rebuild it, or choose another path."
+        )
+    log.info("sparkdl: reusing dataset at %s (plan hash %s)", uri, plan_hash[:12])
+    return dataset
+
+
+def _what_changed(manifest: Any, params: Params) -> str:
+    """Which materialize input differs from the one that wrote ``manifest``."""
+    was = {
+        "feature_cols": list(manifest.feature_cols),
+        "label_col": manifest.label_col,
+        "num_shards": manifest.num_shards,
+        "seed": manifest.seed,
+        "validation_fraction": manifest.validation_fraction,
+        "replicas": manifest.replicas,
+    }
+    now = {
+        "feature_cols": list(params.feature_cols),
+        "label_col": params.label_col,
+        "num_shards": params.num_shards,
+        "seed": params.seed,
+        "validation_fraction": params.validation_fraction,
+        "replicas": params.replicas,
+    }
+    changed = [f"{k} ({was[k]!r} then, {now[k]!r} now)" for k in was if was[k] != now[k]]
+    if changed:
+        return "parameter: " + ", ".join(changed)
+    return (
+        "DataFrame: its rows, values, column types or validation_col flags changed since the "
+        "dataset was written"
+    )

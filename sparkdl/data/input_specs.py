@@ -44,6 +44,7 @@ __all__ = [
     "input_columns",
     "is_named",
     "plan_inputs",
+    "plan_labels",
     "describe_arrow_type",
     "specs_from_json",
     "specs_to_json",
@@ -347,3 +348,28 @@ def describe_arrow_type(arrow_type: Any) -> str:
             return f"nested_{item[5:]}"
         return f"array<{item}>"
     return str(t)
+
+
+def plan_labels(
+    label_cols: Sequence[str], bases: Mapping[str, str], lengths: Mapping[str, tuple[int, int]]
+) -> tuple[InputSpec, ...]:
+    """The labels of a list ``label_col`` (or one array label): integer → int64 ``[B]``,
+    floating point → float32 ``[B]``, fixed-length array<numeric> → float32 ``[B, K]``
+    (multi-label). DataError naming a column of another type or a ragged one."""
+    specs = []
+    for column in label_cols:
+        base = bases[column]
+        if base in ("int", "float"):
+            specs.append(
+                InputSpec(column, (column,), base, "int64" if base == "int" else "float32")
+            )
+            continue
+        low, high = lengths.get(column, (0, 0))
+        if base not in ("list_int", "list_float") or low != high or high == 0:
+            got = base if base not in ("list_int", "list_float") else f"lengths {low}..{high}"
+            raise DataError(
+                f"label column {column!r} must be numeric or a fixed-length array of numbers, "
+                f"got {got}. Index string labels (StringIndexer) or pad multi-label arrays first."
+            )
+        specs.append(InputSpec(column, (column,), "array", "float32", (high,)))
+    return tuple(specs)

@@ -22,7 +22,14 @@ import torch
 from sparkdl.data.input_specs import InputSpec
 from sparkdl.errors import ConfigError, DataError
 
-__all__ = ["build_inputs", "call_model", "decode_images", "move_to", "zero_rows"]
+__all__ = [
+    "build_inputs",
+    "call_model",
+    "decode_images",
+    "id_range_error",
+    "move_to",
+    "zero_rows",
+]
 
 
 def _array(column: Any) -> pa.Array:
@@ -179,6 +186,28 @@ def call_model(model: Any, inputs: Any) -> Any:
         if anything or k in names or not (k.endswith("_length") and k[: -len("_length")] in inputs)
     }
     return model(**kwargs)
+
+
+def id_range_error(exc: BaseException, batch: Any, specs: Sequence[InputSpec]) -> DataError | None:
+    """For an IndexError raised by a model fed integer inputs (an ``nn.Embedding`` given an id
+    outside its table): a DataError naming each integer column with the batch's value range;
+    None for other errors."""
+    if not isinstance(exc, IndexError) or not isinstance(batch, Mapping):
+        return None
+    ranges = []
+    for spec in specs:
+        value = batch.get(spec.name)
+        if spec.dtype != "int64" or not isinstance(value, torch.Tensor) or not value.numel():
+            continue
+        low, high = int(value.min()), int(value.max())
+        ranges.append(f"column {spec.columns[0]!r} (input {spec.name!r}): {low}..{high}")
+    if not ranges:
+        return None
+    return DataError(
+        f"integer inputs must be valid indices for the model's embeddings (0 ≤ id < rows of "
+        f"the table), got a failing batch with {'; '.join(ranges)} ({exc}). Remap the ids in "
+        "Spark (e.g. StringIndexer), or size the embeddings for the largest id."
+    )
 
 
 def move_to(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:

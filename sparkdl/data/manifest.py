@@ -23,6 +23,7 @@ from sparkdl.data.input_specs import (
     input_columns,
     is_named,
     plan_inputs,
+    plan_labels,
     specs_from_json,
     specs_to_json,
 )
@@ -128,11 +129,34 @@ class Manifest:
     replicas: int = 1
     plan_hash: str = ""
     inputs: tuple[InputSpec, ...] = ()
+    labels: tuple[InputSpec, ...] = ()
+    """Every label column (``int``, ``float`` or ``array``) when ``label_col`` was a list or an
+    array; empty for one numeric label (``label_col``/``label_type``)."""
+    weight_col: str = ""
+    """The sample-weight column (float32), or empty."""
     format_version: int = FORMAT_VERSION
     created: str = field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat()
     )
     sparkdl_version: str = field(default_factory=package_version)
+
+    @property
+    @property
+    def label_cols(self) -> tuple[str, ...]:
+        """Every label column, ``label_col`` first."""
+        return tuple(s.columns[0] for s in self.labels) or (self.label_col,)
+
+    @property
+    def stored_cols(self) -> tuple[str, ...]:
+        """Every column a reader needs: features, labels, the weight."""
+        extra = (self.weight_col,) if self.weight_col else ()
+        return tuple(dict.fromkeys((*self.feature_cols, *self.label_cols, *extra)))
+
+    @property
+    def arrow_batches(self) -> bool:
+        """Whether rows stay Arrow until a batch is built (named inputs, several or array
+        labels, weights); else the float32 matrix path."""
+        return bool(self.inputs or self.labels or self.weight_col)
 
     @property
     def feature_dim(self) -> int:
@@ -163,10 +187,14 @@ class Manifest:
         d = asdict(self)
         d["feature_dim"] = self.feature_dim
         d["feature_shapes"] = [list(s) for s in self.feature_shapes]
-        if self.inputs:
-            d["inputs"] = specs_to_json(self.inputs)
-        else:
-            d.pop("inputs")  # a list of columns: the manifest reads as before named inputs
+        for key in ("inputs", "labels"):  # absent when empty: read as before issue 15
+            values = getattr(self, key)
+            if values:
+                d[key] = specs_to_json(values)
+            else:
+                d.pop(key)
+        if not self.weight_col:
+            d.pop("weight_col")
         return d
 
     @classmethod
@@ -186,6 +214,8 @@ class Manifest:
                 replicas=int(d.get("replicas", 1)),
                 plan_hash=str(d.get("plan_hash", "")),
                 inputs=specs_from_json(d.get("inputs")),
+                labels=specs_from_json(d.get("labels")),
+                weight_col=str(d.get("weight_col", "")),
                 format_version=int(d["format_version"]),
                 created=str(d.get("created", "")),
                 sparkdl_version=str(d.get("sparkdl_version", "unknown")),
@@ -346,11 +376,12 @@ def write_dataset(
     shards: list[Any],
     *,
     feature_cols: Any,
-    label_col: str,
+    label_col: str | list[str],
     validation_shards: list[Any] | None = None,
     row_group_rows: int | None = None,
     replicas: int = 1,
     seed: int = 0,
+    sample_weight_col: str | None = None,
     **input_options: Any,
 ) -> Manifest:
     """Write pyarrow Tables as a dataset without Spark (tests, small local data); return its manifest.
@@ -359,8 +390,9 @@ def write_dataset(
     ``validation_shards``, when given, must have as many entries. ``feature_cols``: a list of
     numeric or fixed-length list columns, or a dict of named inputs (see
     :mod:`sparkdl.data.input_specs`; ``input_options``: its ``feature_shapes``,
-    ``max_lengths``, ``pad_values``); the label integer or floating point. The manifest is
-    written last. Use ``ShardedDataset.load(path)`` to read it.
+    ``max_lengths``, ``pad_values``); the label integer or floating point, or a list of labels
+    (or one fixed-length array label, see :func:`~sparkdl.data.input_specs.plan_labels`);
+    ``sample_weight_col`` a numeric column of row weights. The manifest is written last. Use ``ShardedDataset.load(path)`` to read it.
     """
     import pyarrow.parquet as pq
 
@@ -382,15 +414,19 @@ def write_dataset(
                 files = (describe_file(root, rel, copies, fs=fs),)
             entries.append(ShardEntry(index=index, split=split, files=files))
     sample = next(t for t in shards if t.num_rows)
-    columns, shapes, inputs = _feature_fields(
-        feature_cols, [t for tables in splits.values() for t in tables], input_options
-    )
+    all_tables = [t for tables in splits.values() for t in tables]
+    columns, shapes, inputs = _feature_fields(feature_cols, all_tables, input_options)
+    label_cols = [label_col] if isinstance(label_col, str) else list(label_col)
+    labels = _label_fields(label_cols, all_tables)
+    first = labels[0].dtype if labels else str(sample.schema.field(label_cols[0]).type)
     manifest = Manifest(
         feature_cols=columns,
         feature_shapes=shapes,
         inputs=inputs,
-        label_col=label_col,
-        label_type="int64" if _is_integer(sample.schema.field(label_col).type) else "float32",
+        labels=labels,
+        weight_col=sample_weight_col or "",
+        label_col=label_cols[0],
+        label_type="int64" if first == "int64" or first.startswith(("int", "uint")) else "float32",
         num_shards=len(shards),
         splits={split: sum(t.num_rows for t in tables) for split, tables in splits.items()},
         shards=tuple(entries),
@@ -402,12 +438,34 @@ def write_dataset(
     return manifest
 
 
+def _label_fields(label_cols: list[str], tables: list[Any]) -> tuple[InputSpec, ...]:
+    """The labels' specs when there are several or an array one; () for one numeric label."""
+    schema = tables[0].schema
+    bases = {c: describe_arrow_type(schema.field(c).type) for c in label_cols}
+    if len(label_cols) == 1 and bases[label_cols[0]] in ("int", "float"):
+        return ()
+    return plan_labels(label_cols, bases, _list_lengths(bases, tables))
+
+
+def _list_lengths(bases: dict[str, str], tables: list[Any]) -> dict[str, tuple[int, int]]:
+    """(shortest, longest) row of every list column among ``bases``, over ``tables``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lengths: dict[str, tuple[int, int]] = {}
+    for c, base in bases.items():
+        if base.startswith("list_"):
+            found = [pc.list_value_length(t.column(c)) for t in tables if t.num_rows]
+            chunks = [x.cast(pa.int64()) for f in found for x in f.chunks]
+            bounds = pc.min_max(pa.chunked_array(chunks, pa.int64()))
+            lengths[c] = (bounds["min"].as_py() or 0, bounds["max"].as_py() or 0)
+    return lengths
+
+
 def _feature_fields(
     feature_cols: Any, tables: list[Any], options: dict[str, Any]
 ) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...], tuple[InputSpec, ...]]:
     """(columns, their shapes, named inputs) of ``feature_cols`` over the rows of ``tables``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     if not is_named(feature_cols):
         sample = next(t for t in tables if t.num_rows)
@@ -415,13 +473,7 @@ def _feature_fields(
     columns = input_columns(feature_cols)
     schema = tables[0].schema
     bases = {c: describe_arrow_type(schema.field(c).type) for c in columns}
-    lengths: dict[str, tuple[int, int]] = {}
-    for c in columns:
-        if bases[c].startswith("list_"):
-            found = [pc.list_value_length(t.column(c)) for t in tables if t.num_rows]
-            chunks = [x.cast(pa.int64()) for f in found for x in f.chunks]
-            bounds = pc.min_max(pa.chunked_array(chunks, pa.int64()))
-            lengths[c] = (bounds["min"].as_py() or 0, bounds["max"].as_py() or 0)
+    lengths = _list_lengths(bases, tables)
     inputs = plan_inputs(feature_cols, bases, lengths, **options)
     shapes = tuple((max(1, lengths[c][1]),) if c in lengths else () for c in columns)
     return tuple(columns), shapes, inputs

@@ -46,10 +46,13 @@ from sparkdl.data.bad_input import (
     check_params,
     drop_nonfinite,
     read_input,
+    reuse,
 )
 from sparkdl.data.bad_input import Params as _Params
 from sparkdl.data.dataset import ShardedDataset
+from sparkdl.data.input_specs import check_feature_cols, input_columns, is_named
 from sparkdl.data.manifest import FORMAT_VERSION, FileEntry, Manifest, ShardEntry
+from sparkdl.data.named_columns import named_bases, named_cast, nonfinite_kind, plan_named
 from sparkdl.data.shard_jobs import (
     FLAG,
     KEY,
@@ -79,11 +82,14 @@ _ONE_WRITER_BYTES = 16 << 20
 
 @dataclass(frozen=True)
 class _Layout:
-    """Feature columns with their kind ("scalar" | "array" | "vector") and the label's type."""
+    """Feature columns with their kind ("scalar" | "array" | "vector") and the label's type;
+    with named inputs, each column's base (``named_columns``) and the inputs' options."""
 
     features: tuple[tuple[str, str], ...]
     label_col: str
     label_type: str
+    bases: tuple[tuple[str, str], ...] = ()
+    named: Any = None
 
     @property
     def columns(self) -> list[str]:
@@ -102,7 +108,7 @@ def materialize(
     df: DataFrame,
     path: str,
     *,
-    feature_cols: list[str],
+    feature_cols: list[str] | dict[str, Any],
     label_col: str,
     num_shards: int,
     seed: int = 0,
@@ -112,11 +118,18 @@ def materialize(
     row_group_rows: int | None = None,
     on_invalid: str = "error",
     validation_col: str | None = None,
+    feature_shapes: dict[str, Any] | None = None,
+    max_lengths: dict[str, Any] | None = None,
+    pad_values: dict[str, Any] | None = None,
 ) -> ShardedDataset:
     """Write ``df`` as ``num_shards`` equal Parquet shards (±1 row) plus a manifest at ``path``.
 
     ``feature_cols``: numeric, array<numeric> (fixed length) or Spark ML vector columns, stored
-    as float32 and concatenated by the loader in this order. ``label_col``: integer types →
+    as float32 and concatenated by the loader in this order; or a dict of named inputs (model
+    argument → column or list of numeric columns, see :mod:`sparkdl.data.input_specs`) whose
+    columns are stored without loss (ids int64, binary, ragged arrays unpadded) with
+    ``feature_shapes``, ``max_lengths`` and ``pad_values`` (dicts keyed like it) and each
+    input's kind in the manifest. ``label_col``: integer types →
     int64, fractional → float32. ``mode``: "error" refuses an existing path, "overwrite"
     replaces it, "reuse" returns the existing dataset when the data and parameters hash the
     same (else ConfigError). ``validation_fraction``: seeded per-row split into "validation".
@@ -133,6 +146,17 @@ def materialize(
     with mode="error".
     """
     check_on_invalid(on_invalid)
+    named = None
+    if is_named(feature_cols) or feature_shapes or max_lengths or pad_values:
+        named = {
+            "feature_cols": check_feature_cols(feature_cols),
+            "options": {
+                "feature_shapes": feature_shapes or {},
+                "max_lengths": max_lengths or {},
+                "pad_values": pad_values or {},
+            },
+        }
+        feature_cols = input_columns(named["feature_cols"])
     params = check_params(
         feature_cols,
         label_col,
@@ -146,7 +170,7 @@ def materialize(
     )
     uri = storage.normalize_uri(path)
     fs, root = storage.resolve(uri)
-    layout = _plan_columns(df, params)
+    layout = _plan_columns(df, params, named)
     exists = storage.exists(fs, root)
     if exists and mode == "error":
         raise ConfigError(
@@ -155,7 +179,8 @@ def materialize(
         )
     converted = _convert(df, layout, params.validation_col)
     if on_invalid == "skip":
-        kinds = [kind for _, kind in layout.features] + ["scalar"]
+        kinds = [nonfinite_kind(b) for _, b in layout.bases] or [k for _, k in layout.features]
+        kinds = kinds + ["scalar"]
         converted = drop_nonfinite(converted, layout.positional, kinds)
     fn = scan_partition(
         layout.positional,
@@ -171,7 +196,7 @@ def materialize(
         counts = _check_scan(scan, layout, params)
         plan_hash = _plan_hash(params, layout, converted, scan)
         if exists and mode == "reuse":
-            return _reuse(uri, plan_hash, params)
+            return reuse(uri, plan_hash, params)
         if exists:
             log.info("sparkdl: overwriting dataset at %s", uri)
             storage.remove_tree(fs, root)
@@ -204,7 +229,7 @@ def _column_kind(name: str, dtype: Any) -> str | None:
     return None
 
 
-def _plan_columns(df: DataFrame, params: _Params) -> _Layout:
+def _plan_columns(df: DataFrame, params: _Params, named: Any = None) -> _Layout:
     from pyspark.sql import types as T
 
     fields = {f.name: f.dataType for f in df.schema.fields}
@@ -222,7 +247,20 @@ def _plan_columns(df: DataFrame, params: _Params) -> _Layout:
             "F.col('split') == 'validation'."
         )
     features = []
+    bases: dict[str, str] = {}
+    if named is not None:
+        if not is_named(named["feature_cols"]):
+            raise ConfigError(
+                f"feature_cols must be a dict of named inputs to use feature_shapes, "
+                f"max_lengths or pad_values, got {named['feature_cols']!r}. Name the inputs: "
+                'feature_cols={"image": "image", ...}.'
+            )
+        options = named["options"]
+        bases = named_bases(named["feature_cols"], fields, options["feature_shapes"])
     for col in params.feature_cols:
+        if col in bases:
+            features.append((col, "scalar" if bases[col] in ("int", "float") else "array"))
+            continue
         kind = _column_kind(col, fields[col])
         if kind is None:
             raise DataError(
@@ -240,7 +278,7 @@ def _plan_columns(df: DataFrame, params: _Params) -> _Layout:
             f"label column {params.label_col!r} must be numeric, got "
             f"{label_type.simpleString()}. Index string labels with StringIndexer first."
         )
-    return _Layout(tuple(features), params.label_col, label)
+    return _Layout(tuple(features), params.label_col, label, tuple(bases.items()), named)
 
 
 def _real_names(converted: DataFrame, layout: _Layout) -> Any:
@@ -270,9 +308,13 @@ def _convert(df: DataFrame, layout: _Layout, validation_col: str | None = None) 
 
     exprs = []
     names = layout.positional
+    types = {f.name: f.dataType for f in df.schema.fields}
+    bases = dict(layout.bases)
     for (name, kind), alias in zip(layout.features, names):
         col = F.col(quote_column(name))
-        if kind == "scalar":
+        if name in bases:
+            exprs.append(named_cast(col, bases[name], types[name]).alias(alias))
+        elif kind == "scalar":
             exprs.append(col.cast(T.FloatType()).alias(alias))
         elif kind == "array":
             exprs.append(col.cast(T.ArrayType(T.FloatType())).alias(alias))
@@ -348,13 +390,16 @@ def _check_scan(scan: _Scan, layout: _Layout, params: _Params) -> dict[str, int]
                 "value(s) (after the cast to float32). Filter or impute them first, or pass "
                 "on_invalid='skip' to drop those rows."
             )
-    for col, kind in layout.features:
+    for col, kind in layout.features if not layout.bases else ():  # named: see plan_named
         lengths = scan.stats[col]["lengths"]
         if kind != "scalar" and (len(lengths) > 1 or 0 in lengths):
             raise DataError(
                 f"{kind} column {col!r} must have one non-zero length in every row, got lengths "
                 f"{min(lengths)}..{max(lengths)}. Pad or truncate it to a fixed length first."
             )
+    if layout.named is not None:  # shapes, ragged columns in a dense input: before any write
+        named = layout.named
+        plan_named(named["feature_cols"], dict(layout.bases), scan.stats, named["options"])
     validation = sum(scan.validation_rows.values())
     counts = {"train": total - validation}
     if params.has_validation:
@@ -392,52 +437,9 @@ def _plan_hash(params: _Params, layout: _Layout, converted: DataFrame, scan: _Sc
         "schema": _real_names(converted, layout).json(),
         "content": scan.digest,
     }
+    if layout.named is not None:  # only then: the hash of a list of columns stays as it was
+        payload["inputs"] = json.dumps(layout.named, sort_keys=True, default=str)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _reuse(uri: str, plan_hash: str, params: _Params) -> ShardedDataset:
-    try:
-        dataset = ShardedDataset.load(uri)
-    except DataError as e:
-        raise ConfigError(
-            f"path must hold a complete sparkdl dataset for mode='reuse', got {uri!r} ({e}). "
-            "Pass mode='overwrite' to rebuild it."
-        ) from e
-    if dataset.manifest.plan_hash != plan_hash:
-        raise ConfigError(
-            f"dataset at {uri!r} must match this DataFrame and these parameters for "
-            f"mode='reuse', got a different {_what_changed(dataset.manifest, params)}. "
-            "Pass mode='overwrite' to rebuild it, or choose another path."
-        )
-    log.info("sparkdl: reusing dataset at %s (plan hash %s)", uri, plan_hash[:12])
-    return dataset
-
-
-def _what_changed(manifest: Any, params: _Params) -> str:
-    """Which materialize input differs from the one that wrote ``manifest``."""
-    was = {
-        "feature_cols": list(manifest.feature_cols),
-        "label_col": manifest.label_col,
-        "num_shards": manifest.num_shards,
-        "seed": manifest.seed,
-        "validation_fraction": manifest.validation_fraction,
-        "replicas": manifest.replicas,
-    }
-    now = {
-        "feature_cols": list(params.feature_cols),
-        "label_col": params.label_col,
-        "num_shards": params.num_shards,
-        "seed": params.seed,
-        "validation_fraction": params.validation_fraction,
-        "replicas": params.replicas,
-    }
-    changed = [f"{k} ({was[k]!r} then, {now[k]!r} now)" for k in was if was[k] != now[k]]
-    if changed:
-        return "parameter: " + ", ".join(changed)
-    return (
-        "DataFrame: its rows, values, column types or validation_col flags changed since the "
-        "dataset was written"
-    )
 
 
 # --- job 2: write (the executors run shard_jobs.write_partition) ---------------------------------
@@ -537,7 +539,8 @@ def _build_manifest(
     scan: _Scan,
 ) -> Manifest:
     by_key = {(r["split"], r["shard"]): r for r in records}
-    shards, shapes = [], []
+    shards: list[ShardEntry] = []
+    shapes: list[tuple[int, ...]] = []
     for split, rows in counts.items():
         for index in range(params.num_shards):
             expected = rows // params.num_shards + (1 if index < rows % params.num_shards else 0)
@@ -552,11 +555,17 @@ def _build_manifest(
             files = () if r is None else (FileEntry.from_json(r),)
             shards.append(ShardEntry(index=index, split=split, files=files))
     schema = next(r["schema"] for r in records)
-    for name, kind in layout.features:
+    inputs: tuple[Any, ...] = ()
+    if layout.named is not None:
+        named, bases = layout.named, dict(layout.bases)
+        planned, inputs = plan_named(named["feature_cols"], bases, scan.stats, named["options"])
+        shapes = list(planned)
+    for name, kind in layout.features if not inputs else ():
         shapes.append(() if kind == "scalar" else (max(scan.stats[name]["lengths"]),))
     return Manifest(
         feature_cols=params.feature_cols,
         feature_shapes=tuple(shapes),
+        inputs=inputs,
         label_col=params.label_col,
         label_type=layout.label_type,
         num_shards=params.num_shards,

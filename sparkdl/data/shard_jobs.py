@@ -133,6 +133,11 @@ def _column_stats(arr: pa.Array, stats: dict[str, Any], digest: Any) -> None:
 
     stats["nulls"] += arr.null_count
     values = arr
+    if pa.types.is_binary(arr.type) or pa.types.is_large_binary(
+        arr.type
+    ):  # bytes (named inputs): digest the values, no lengths
+        _digest_binary(arr.drop_null() if arr.null_count else arr, digest)
+        return
     if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
         lengths = pc.list_value_length(arr).drop_null()
         if len(lengths):
@@ -147,6 +152,19 @@ def _column_stats(arr: pa.Array, stats: dict[str, Any], digest: Any) -> None:
     if np_values.dtype.kind == "f":
         stats["nonfinite"] += int(np_values.size - np.count_nonzero(np.isfinite(np_values)))
     digest.update(np_values.tobytes())
+
+
+def _digest_binary(arr: pa.Array, digest: Any) -> None:
+    """Each value's length and bytes, whatever the array's offset."""
+    if not len(arr):
+        return
+    width = 8 if pa.types.is_large_binary(arr.type) else 4
+    kind = np.int64 if width == 8 else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], kind, count=len(arr) + 1, offset=arr.offset * width)
+    digest.update(np.diff(offsets).tobytes())
+    data = arr.buffers()[2]
+    if data is not None:
+        digest.update(memoryview(data)[int(offsets[0]) : int(offsets[-1])])
 
 
 def scan_partition(

@@ -23,7 +23,7 @@ from pyspark.ml.base import Estimator
 from pyspark.ml.util import MLReadable, MLWritable
 
 from sparkdl import storage
-from sparkdl._checks import expect_bool, expect_columns, expect_int, expect_name, expect_number
+from sparkdl._checks import expect_bool, expect_int, expect_name, expect_number
 from sparkdl.artifacts import RunDirectory
 from sparkdl.columns import quote_column
 from sparkdl.config import (
@@ -36,6 +36,7 @@ from sparkdl.config import (
 )
 from sparkdl.data import ShardedDataset, materialize
 from sparkdl.data.bad_input import check_on_invalid, read_input
+from sparkdl.data.input_specs import check_feature_cols, input_columns, is_named, specs_to_json
 from sparkdl.data.manifest import MANIFEST_NAME
 from sparkdl.errors import ConfigError, DataError
 from sparkdl.launch.launcher import job_description, spark_job_phase
@@ -59,8 +60,19 @@ ESTIMATOR_PARAMS: tuple[ParamSpec, ...] = (
     P("model", REQUIRED, "nn.Module, zero-arg callable returning one, or 'pkg.mod:factory'",
       "model", "factory"),
     P("model_kwargs", {}, "keyword arguments for a model factory", "model", "kwargs", as_dict),
-    P("feature_cols", REQUIRED, "feature columns: numeric, array<numeric> or ML vector",
+    P("feature_cols", REQUIRED, "feature columns: a list of numeric, array<numeric> or ML vector "
+      "columns (one float32 [B, F] tensor, model(x)), or a dict of named inputs: model "
+      "argument -> column or list of numeric columns (model(**inputs); README, Inputs)",
       convert=as_list),
+    P("feature_shapes", {}, "named inputs: per-row shape of an array input, e.g. "
+      "{'image': [1, 28, 28]}", convert=as_dict),
+    P("max_lengths", {}, "named inputs: longest row of a variable-length array input "
+      "(longer rows are truncated), e.g. {'tokens': 256}", convert=as_dict),
+    P("pad_values", {}, "named inputs: what pads a variable-length array input (default 0)",
+      convert=as_dict),
+    P("transform_fn", None, "transform_fn(batch: dict) -> dict, run in the loader thread on "
+      "every batch before the model (decoding, normalisation, augmentation); also at inference "
+      "unless inference_transform_fn is set"),
     P("label_col", REQUIRED, "label column: class index (integer) or value (regression)"),
     P("run_dir", REQUIRED, "run directory on storage every executor reaches: a path (a shared "
       "mount) or a URI (hdfs://, s3://, ...)"),
@@ -124,7 +136,18 @@ class _Configs:
 
 
 def _check_estimator_values(v: dict[str, Any]) -> None:
-    expect_columns("feature_cols", v.get("feature_cols"), 'Pass e.g. feature_cols=["features"]')
+    feature_cols = check_feature_cols(v.get("feature_cols"))
+    named_options = [k for k in ("feature_shapes", "max_lengths", "pad_values") if v.get(k)]
+    if named_options and not is_named(feature_cols):
+        raise ConfigError(
+            f"feature_cols must be a dict of named inputs to use {named_options[0]}, got "
+            f"{feature_cols!r}. Name the inputs, e.g. feature_cols={{'image': 'image'}}"
+        )
+    if v.get("transform_fn") is not None and not callable(v["transform_fn"]):
+        raise ConfigError(
+            f"transform_fn must be None or a function of the batch dict, got "
+            f"{v['transform_fn']!r}. Pass e.g. transform_fn=lambda batch: batch"
+        )
     for name in ("label_col", "run_dir"):
         expect_name(name, v.get(name))
     expect_int("num_workers", v["num_workers"], "Use e.g. num_workers=2")
@@ -217,7 +240,10 @@ class TorchEstimator(
         feature_cols, label_col = self.get("feature_cols"), self.get("label_col")
         if isinstance(data, ShardedDataset):
             manifest = data.manifest
-            if list(manifest.feature_cols) != feature_cols or manifest.label_col != label_col:
+            names = [i.name for i in manifest.inputs] if manifest.inputs else None
+            wanted = list(feature_cols) if is_named(feature_cols) else None
+            same = names == wanted and list(manifest.feature_cols) == input_columns(feature_cols)
+            if not same or manifest.label_col != label_col:
                 raise ConfigError(
                     f"feature_cols/label_col must match the dataset's, got {feature_cols}/"
                     f"{label_col!r} vs {list(manifest.feature_cols)}/{manifest.label_col!r}. "
@@ -241,7 +267,13 @@ class TorchEstimator(
             validation_col=self.get("validation_col") or None,
             mode=mode,
             on_invalid=self.get("on_invalid"),
+            **self._named_options(),
         )
+
+    def _named_options(self) -> dict[str, Any]:
+        """feature_shapes, max_lengths, pad_values: only those set (a list of columns has none)."""
+        names = ("feature_shapes", "max_lengths", "pad_values")
+        return {name: self.get(name) for name in names if self.get(name)}
 
     def _check_validation(self, data: DataFrame | ShardedDataset) -> None:
         """Early stopping needs a validation split: say so before anything runs."""
@@ -350,7 +382,9 @@ class TorchEstimator(
             timings["materialize_s"] = time.perf_counter() - start
             self._check_split_sizes(dataset, num_workers)
             if self.get("driver_check"):
-                check_model_on_driver(configs, dataset, self.get("feature_cols"))
+                check_model_on_driver(
+                    configs, dataset, self.get("feature_cols"), self.get("transform_fn")
+                )
             spec = TrainSpec(
                 model=configs.model,
                 dataset_path=dataset.path,
@@ -359,6 +393,8 @@ class TorchEstimator(
                 sync=configs.sync,
                 checkpoint=configs.checkpoint,
                 faults=FaultInjection.coerce(self.get("fault_injection")),
+                transform_fn=self.get("transform_fn"),
+                inference_transform_fn=self.get("inference_transform_fn"),
             )
             self._write_architecture(run, dataset, configs)
             launched = time.perf_counter()
@@ -404,10 +440,15 @@ class TorchEstimator(
         hint = None if configs.model.import_path else configs.model.factory
         module = load_module(run.layout.model_dir, model=hint)
         outputs = {spec.name: self.get(spec.name) for spec in OUTPUT_PARAMS}
+        outputs["inference_transform_fn"] = outputs["inference_transform_fn"] or self.get(
+            "transform_fn"
+        )
+        named = bool(dataset.manifest.inputs)
         return TorchModel(
             module,
             classification=is_classification(configs.optim),
-            feature_dim=dataset.feature_dim,
+            feature_dim=None if named else dataset.feature_dim,
+            inputs=dataset.manifest.inputs,
             run_dir=run.path,
             model_spec=configs.model,
             feature_cols=self.get("feature_cols"),
@@ -429,6 +470,7 @@ class TorchEstimator(
                 "label_col": self.get("label_col"),
                 "feature_dim": dataset.feature_dim,
                 "classification": is_classification(configs.optim),
+                "inputs": specs_to_json(dataset.manifest.inputs),
             },
             architecture,
         )
@@ -491,7 +533,9 @@ def fit_dir_name(params: dict[str, Any]) -> str:
     return f"fit-{shown}-{suffix}" if shown else f"fit-{suffix}"
 
 
-def check_model_on_driver(configs: _Configs, dataset: ShardedDataset, feature_cols: Any) -> None:
+def check_model_on_driver(
+    configs: _Configs, dataset: ShardedDataset, feature_cols: Any, transform_fn: Any = None
+) -> None:
     """Build the model on the driver's CPU and run one forward and loss pass on a few rows of
     the training split, as a worker's first step would (no process group, no optimizer step).
 
@@ -500,14 +544,17 @@ def check_model_on_driver(configs: _Configs, dataset: ShardedDataset, feature_co
     """
     import torch
 
+    from sparkdl.data.inputs import call_model
     from sparkdl.train.components import build_loss, metric_name, metric_sum
 
     rows = min(4, dataset.num_rows)
-    loader = dataset.loader(0, 1, batch_size=rows, shuffle=False, prefetch_batches=0)
+    loader = dataset.loader(
+        0, 1, batch_size=rows, shuffle=False, prefetch_batches=0, transform=transform_fn
+    )
     features, labels = next(iter(loader))
     batch = (
-        f"a batch of {rows} rows: features {tuple(features.shape)} {features.dtype} from "
-        f"{list(feature_cols)}, labels {tuple(labels.shape)} {labels.dtype}"
+        f"a batch of {rows} rows: features {_describe(features)} from "
+        f"{feature_cols!r}, labels {tuple(labels.shape)} {labels.dtype}"
     )
     try:
         module = configs.model.build()
@@ -522,7 +569,7 @@ def check_model_on_driver(configs: _Configs, dataset: ShardedDataset, feature_co
     module.eval()  # one small batch: no dropout, batch norm on its running statistics
     try:
         with torch.no_grad():
-            outputs = module(features)
+            outputs = call_model(module, features)
             build_loss(configs.optim)(outputs, labels)
             metric_sum(metric_name(configs.optim), outputs, labels)
     except ConfigError as exc:
@@ -534,3 +581,14 @@ def check_model_on_driver(configs: _Configs, dataset: ShardedDataset, feature_co
             "the model's input width and output to the data and the loss; driver_check=False "
             "skips this check"
         ) from exc
+
+
+def _describe(features: Any) -> str:
+    """A batch's features in words: shape and dtype of each tensor (lists: their length)."""
+    if not isinstance(features, dict):
+        return f"{tuple(features.shape)} {features.dtype}"
+    parts = [
+        f"{k}: {tuple(v.shape)} {v.dtype}" if hasattr(v, "shape") else f"{k}: {len(v)} values"
+        for k, v in features.items()
+    ]
+    return "{" + ", ".join(parts) + "}"

@@ -27,6 +27,8 @@ import pyarrow as pa
 import torch
 
 from sparkdl.columns import quote_column
+from sparkdl.data.input_specs import InputSpec
+from sparkdl.data.inputs import build_inputs, call_model, id_range_error
 from sparkdl.errors import ConfigError, DataError
 from sparkdl.train.components import prediction_of
 
@@ -164,6 +166,10 @@ class _Plan:
     batch_size: int
     with_probability: bool
     device: str
+    inputs: tuple[InputSpec, ...] = ()
+    """Named inputs (empty: one float32 matrix of ``names``, ``model(x)``)."""
+    transform: Any = None
+    """Named inputs: applied to each forward pass's input dict first."""
 
 
 class _Predictor:
@@ -176,20 +182,41 @@ class _Predictor:
             _cpu_threads()
         self.module = _cached_module(plan.shipped, self.device)
 
+    def _outputs(self, arrays: Sequence[pa.Array]) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(first row, end row, prediction tensor) of each forward pass over ``arrays``."""
+        plan = self.plan
+        if plan.inputs:
+            table = pa.Table.from_arrays(list(arrays), names=list(plan.names))
+            for start in range(0, table.num_rows, plan.batch_size):
+                chunk = table.slice(start, plan.batch_size)
+                inputs = build_inputs(chunk, plan.inputs)
+                if plan.transform is not None:
+                    inputs = dict(plan.transform(inputs))
+                inputs = {
+                    k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                    for k, v in inputs.items()
+                }
+                try:
+                    out = prediction_of(call_model(self.module, inputs))
+                except IndexError as exc:
+                    raise (id_range_error(exc, inputs, plan.inputs) or exc) from exc
+                yield start, start + chunk.num_rows, out.float()
+            return
+        features = features_from_arrays(arrays, plan.names, plan.expected_dim)
+        for start in range(0, len(features), plan.batch_size):
+            chunk = torch.from_numpy(features[start : start + plan.batch_size])
+            out = prediction_of(self.module(chunk.to(self.device, non_blocking=True)))
+            yield start, start + len(chunk), out.float()
+
     def __call__(self, arrays: Sequence[pa.Array]) -> tuple[pa.Array, pa.Array | None]:
         plan = self.plan
-        features = features_from_arrays(arrays, plan.names, plan.expected_dim)
-        n = len(features)
+        n = len(arrays[0])
         predictions = np.empty(n, dtype=np.float64)
         probabilities: np.ndarray | None = None
         with torch.inference_mode():
-            for start in range(0, n, plan.batch_size):
-                chunk = torch.from_numpy(features[start : start + plan.batch_size])
-                out = prediction_of(self.module(chunk.to(self.device, non_blocking=True)))
-                out = out.float()
-                stop = start + len(chunk)
+            for start, stop, out in self._outputs(arrays):
                 if not plan.classification:
-                    predictions[start:stop] = out.reshape(len(chunk), -1)[:, 0].cpu().numpy()
+                    predictions[start:stop] = out.reshape(stop - start, -1)[:, 0].cpu().numpy()
                     continue
                 predictions[start:stop] = out.argmax(dim=1).cpu().numpy()
                 if plan.with_probability:
@@ -351,10 +378,15 @@ def predict_dataframe(
     output_col: str = "prediction",
     probability_col: str | None = None,
     device: str = "auto",
+    inputs: Sequence[InputSpec] = (),
+    transform: Any = None,
 ) -> DataFrame:
     """``df`` with ``output_col`` (and ``probability_col``) appended, computed in Arrow batches.
 
-    ``module`` is an ``nn.Module`` or a :class:`ShippedModule` (broadcast already). Bad
+    ``module`` is an ``nn.Module`` or a :class:`ShippedModule` (broadcast already). With
+    ``inputs`` (named inputs, :mod:`sparkdl.data.input_specs`) the model gets
+    ``model(**inputs)`` built as in training (``transform`` applied first) from the columns
+    the inputs name, each cast as training stored it; ``feature_cols`` is then unused. Bad
     input raises ``DataError`` naming the column: here for a missing or non-numeric column,
     on the executors (at the first action) for nulls, ragged arrays or a wrong width.
     """
@@ -366,17 +398,26 @@ def predict_dataframe(
                 f"output column {name!r} must not exist in the DataFrame, got it among "
                 f"{df.columns}. Drop or rename it, or set prediction_col/probability_col"
             )
-    exprs = _input_columns(df, feature_cols, expected_dim)
+    if inputs:
+        from sparkdl.data.named_columns import inference_exprs
+
+        names = tuple(dict.fromkeys(c for spec in inputs for c in spec.columns))
+        exprs = inference_exprs({f.name: f.dataType for f in df.schema.fields}, tuple(inputs))
+    else:
+        names = tuple(feature_cols)
+        exprs = _input_columns(df, feature_cols, expected_dim)
     shipped = module if isinstance(module, ShippedModule) else ship_module(df.sparkSession, module)
     with_probability = bool(classification and probability_col)
     plan = _Plan(
         shipped,
-        tuple(feature_cols),
+        names,
         expected_dim,
         classification,
         batch_size,
         with_probability,
         device,
+        tuple(inputs),
+        transform if inputs else None,
     )
     outputs = [output_col] + ([probability_col] if with_probability and probability_col else [])
     use_arrow_udf = hasattr(F, "arrow_udf") if USE_ARROW_UDF is None else USE_ARROW_UDF

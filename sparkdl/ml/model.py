@@ -10,15 +10,17 @@ rebuild the architecture (see :mod:`sparkdl.ml.persistence` for when pickle is i
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pyspark.ml.base import Model
 from pyspark.ml.util import MLReadable, MLWritable
 
 from sparkdl import storage
-from sparkdl._checks import expect_choice, expect_columns, expect_int
+from sparkdl._checks import expect_choice, expect_int
 from sparkdl.artifacts import RunDirectory
 from sparkdl.config import ModelSpec
+from sparkdl.data.input_specs import InputSpec, check_feature_cols, specs_from_json, specs_to_json
 from sparkdl.errors import ConfigError
 from sparkdl.ml.inference import DEVICES, ShippedModule, predict_dataframe, ship_module
 from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_list, with_params
@@ -51,6 +53,12 @@ OUTPUT_PARAMS = (
         "auto",
         "'auto' (the task's Spark GPU, else a visible CUDA device, else the CPU), 'cpu', 'cuda'",
     ),
+    ParamSpec(
+        "inference_transform_fn",
+        None,
+        "named inputs: transform_fn(batch: dict) -> dict applied to every batch in transform "
+        "(None: the estimator's transform_fn)",
+    ),
 )
 
 
@@ -63,6 +71,12 @@ def check_output_params(values: dict[str, Any]) -> None:
                 f"{name} must be a column name, got {value!r}. Pass e.g. 'prediction'"
             )
     expect_int("inference_batch_size", values.get("inference_batch_size"), "Use e.g. 1024")
+    transform = values.get("inference_transform_fn")
+    if transform is not None and not callable(transform):
+        raise ConfigError(
+            f"inference_transform_fn must be None or a function of the batch dict, got "
+            f"{transform!r}. Pass e.g. inference_transform_fn=lambda batch: batch"
+        )
     expect_choice("inference_device", values.get("inference_device"), DEVICES, "Use 'auto'")
 
 
@@ -71,7 +85,8 @@ def check_output_params(values: dict[str, Any]) -> None:
         ParamSpec(
             "feature_cols",
             REQUIRED,
-            "input columns (numeric, array<numeric> or ML vector), concatenated in order",
+            "input columns (numeric, array<numeric> or ML vector), concatenated in order; or "
+            "the dict of named inputs the model was trained on",
             convert=as_list,
         ),
         ParamSpec("label_col", "label", "the label column the model was trained on"),
@@ -94,9 +109,11 @@ class TorchModel(TableParams, Model, ParamsPersistence, MLWritable, MLReadable["
         feature_dim: int | None = None,
         run_dir: str | None = None,
         model_spec: ModelSpec | None = None,
+        inputs: Sequence[InputSpec] = (),
         **params: Any,
     ) -> None:
         self._init_state()
+        self.inputs = tuple(inputs)
         self.module = module
         self.classification = classification
         self.feature_dim = feature_dim
@@ -109,12 +126,11 @@ class TorchModel(TableParams, Model, ParamsPersistence, MLWritable, MLReadable["
         self._shipped: tuple[Any, ShippedModule] | None = None
         self.classification, self.feature_dim = True, None
         self.run_dir, self.model_spec = None, None
+        self.inputs = ()
 
     def _validate(self) -> None:
         check_output_params(self.values())
-        expect_columns(
-            "feature_cols", self.get("feature_cols"), 'Pass e.g. feature_cols=["features"]'
-        )
+        check_feature_cols(self.get("feature_cols"))
 
     @property
     def module(self) -> Any:
@@ -170,6 +186,8 @@ class TorchModel(TableParams, Model, ParamsPersistence, MLWritable, MLReadable["
             output_col=self.get("prediction_col"),
             probability_col=self.get("probability_col") or None,
             device=self.get("inference_device"),
+            inputs=self.inputs,
+            transform=self.get("inference_transform_fn"),
         )
 
     # --- persistence -------------------------------------------------------------------------
@@ -179,6 +197,7 @@ class TorchModel(TableParams, Model, ParamsPersistence, MLWritable, MLReadable["
             "classification": self.classification,
             "feature_dim": self.feature_dim,
             "run_dir": self.run_dir,
+            "inputs": specs_to_json(self.inputs),
         }
 
     def _save_data(self, root: str) -> None:
@@ -206,5 +225,6 @@ class TorchModel(TableParams, Model, ParamsPersistence, MLWritable, MLReadable["
         self.classification = bool(extra.get("classification", True))
         self.feature_dim = extra.get("feature_dim")
         self.run_dir = extra.get("run_dir")
+        self.inputs = specs_from_json(extra.get("inputs"))
         if meta.get("factory"):
             self.model_spec = ModelSpec(factory=meta["factory"], kwargs=meta.get("kwargs", {}))

@@ -33,6 +33,7 @@ from sparkdl import storage
 from sparkdl.channel.client import report_progress
 from sparkdl.config import TrainSpec
 from sparkdl.context import WorkerEnv, get_context
+from sparkdl.data.inputs import call_model, id_range_error, move_to, zero_rows
 from sparkdl.data.loader import ShardedDataset
 from sparkdl.errors import CheckpointError, ConfigError, DataError, PeerLostError, is_peer_loss
 from sparkdl.rundir.layout import RunLayout
@@ -104,7 +105,10 @@ class _Trainer:
             seed=spec.optim.seed,
             epoch=0,
             reader=spec.optim.reader,
+            transform=spec.transform_fn,
         )
+        self._empty_batch: Any = None  # the inputs of a zero-row forward (see evaluate)
+        self.batch: Any = None
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise DataError(
@@ -165,9 +169,12 @@ class _Trainer:
         bytes_before = self.strategy.comm_bytes
         start = time.perf_counter()
         for features, labels in self.loader:
-            features = features.to(self.device, non_blocking=True)
+            features = move_to(features, self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            outputs = self.model(features)
+            if self._empty_batch is None:
+                self._empty_batch = zero_rows(features)
+            self.batch = features  # what a failing step was fed (see _translated)
+            outputs = call_model(self.model, features)
             loss = self.loss_fn(outputs, labels)
             self._maybe_fail()
             self.optimizer.zero_grad(set_to_none=True)
@@ -381,6 +388,7 @@ class _Trainer:
             split="validation",
             drop_last=False,
             reader=self.spec.optim.reader,
+            transform=self.spec.inference_transform_fn or self.spec.transform_fn,
         )
         loss_sum, count, score = 0.0, 0.0, 0.0
         # Sharded modules gather parameters in forward (a collective): every rank runs as many
@@ -388,13 +396,13 @@ class _Trainer:
         extra = all_reduce_max(len(loader), self.env) - len(loader)
         with torch.no_grad():
             for features, labels in loader:
-                features, labels = features.to(self.device), labels.to(self.device)
-                outputs = self.model(features)
+                features, labels = move_to(features, self.device), labels.to(self.device)
+                outputs = call_model(self.model, features)
                 loss_sum += float(self.loss_fn(outputs, labels)) * labels.shape[0]
                 count += labels.shape[0]
                 score += float(metric_sum(self.metric, outputs, labels))
             for _ in range(extra):
-                self.model(torch.zeros(0, self.dataset.feature_dim, device=self.device))
+                call_model(self.model, self._empty_inputs())
         loss_sum, count, score = all_reduce_sum([loss_sum, count, score], self.env)
         if not count:
             return None
@@ -402,6 +410,20 @@ class _Trainer:
         if self.metric:
             self.metrics.record(epoch, self.step, "validation", self.metric, score / count)
         return loss_sum / count
+
+    def _empty_inputs(self) -> Any:
+        """Zero-row inputs of the kind the model takes (from a training batch)."""
+        if self._empty_batch is None:
+            loader = self.dataset.loader(
+                0,
+                1,
+                batch_size=1,
+                shuffle=False,
+                prefetch_batches=0,
+                transform=self.spec.transform_fn,
+            )
+            self._empty_batch = zero_rows(move_to(next(iter(loader))[0], self.device))
+        return self._empty_batch
 
     def should_stop(self, epoch: int, validation_loss: float | None) -> bool:
         """(all ranks) Early stopping on the all-reduced validation loss.
@@ -522,6 +544,9 @@ def _translated(exc: BaseException, trainer: _Trainer) -> BaseException:
             "static_graph=True when the same parameters are unused in every step, or remove "
             "the unused parameters"
         )
+    named = id_range_error(exc, trainer.batch, trainer.dataset.manifest.inputs)
+    if named is not None:
+        return named
     if isinstance(exc, PeerLostError) or not is_peer_loss(exc):
         return exc
     name = type(exc).__name__

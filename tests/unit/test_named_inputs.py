@@ -235,3 +235,65 @@ def test_named_inputs_refuse_petastorm(tmp_path):
     ds = _loader_dataset(tmp_path)
     with pytest.raises(ConfigError, match="reader must be 'pyarrow'"):
         ShardLoader(ds, 0, 1, batch_size=2, reader="petastorm")
+
+
+class _Ids(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.user = torch.nn.Embedding(8, 4)
+        self.head = torch.nn.Linear(5, 2)
+
+    def forward(self, user, tokens, tokens_length):
+        pooled = tokens.float().sum(1, keepdim=True) / tokens_length.unsqueeze(1)
+        return self.head(torch.cat([self.user(user), pooled], dim=1))
+
+
+def _run(tmp_path, users, **spec_fields):
+    from sparkdl.config import ModelSpec, OptimConfig, TrainSpec
+    from sparkdl.context import WorkerEnv
+    from sparkdl.train.worker import run_worker
+
+    n = len(users)
+    table = pa.table(
+        {
+            "u": pa.array(users, pa.int64()),
+            "t": pa.array([[1] * (1 + i % 3) for i in range(n)], pa.list_(pa.int64())),
+            "label": pa.array(np.arange(n) % 2, pa.int64()),
+        }
+    )
+    write_dataset(
+        str(tmp_path / "ds"),
+        [table],
+        feature_cols={"user": "u", "tokens": "t"},
+        label_col="label",
+        validation_shards=[table],
+    )
+    spec = TrainSpec(
+        model=ModelSpec(factory=_Ids),
+        dataset_path=str(tmp_path / "ds"),
+        run_dir=str(tmp_path / "run"),
+        optim=OptimConfig(batch_size=4, epochs=1, learning_rate=0.1),
+        **spec_fields,
+    )
+    return run_worker(spec, WorkerEnv(rank=0, world_size=1))
+
+
+def test_run_worker_trains_named_inputs_with_transform_fns(tmp_path):
+    seen = {"train": 0, "validation": 0}
+
+    def train_fn(batch):
+        seen["train"] += 1
+        return {**batch, "user": batch["user"] % 8}
+
+    def eval_fn(batch):
+        seen["validation"] += 1
+        return {**batch, "user": batch["user"] % 8}
+
+    result = _run(tmp_path, list(range(16)), transform_fn=train_fn, inference_transform_fn=eval_fn)
+    assert result.steps == 4 and seen == {"train": 4, "validation": 4}
+    assert "validation/loss" in result.metrics
+
+
+def test_an_id_outside_the_embedding_names_the_column_and_its_range(tmp_path):
+    with pytest.raises(DataError, match=r"column 'u' \(input 'user'\): -3\.\.2"):
+        _run(tmp_path, [0, 1, 2, -3, 1, 2, 0, 1])

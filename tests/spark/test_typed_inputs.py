@@ -1,0 +1,250 @@
+"""Named, typed inputs through Spark local[2] (issue 15): a recommender with id embeddings, a
+CNN from a binary PNG column and from an array column with feature_shapes, a token-sequence
+classifier; each predicts with transform and survives save/load. Materialize stores the kinds
+without loss and refuses what it cannot feed, naming the column."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from pyspark.sql import functions as F
+
+import sparkdl
+from sparkdl.data import decode_images
+from sparkdl.errors import DataError
+
+pytestmark = pytest.mark.timeout(900)
+
+DIGITS = os.path.join(os.path.dirname(__file__), "..", "..", "data", "digits")
+
+
+class Recommender(torch.nn.Module):
+    def __init__(self, users=40, items=30):
+        super().__init__()
+        self.user = torch.nn.Embedding(users, 8)
+        self.item = torch.nn.Embedding(items, 8)
+        self.head = torch.nn.Sequential(
+            torch.nn.Linear(18, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)
+        )
+
+    def forward(self, user_id, item_id, dense):
+        x = torch.cat([self.user(user_id), self.item(item_id), dense], dim=1)
+        return self.head(x)
+
+
+def dense_only():
+    return torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+
+class DigitsCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(32 * 16, 10),
+        )
+
+    def forward(self, image):
+        return self.net(image)
+
+
+class BagOfTokens(torch.nn.Module):
+    def __init__(self, vocab=21):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 16, padding_idx=0)
+        self.head = torch.nn.Linear(16, 2)
+
+    def forward(self, tokens, tokens_length):
+        summed = self.embed(tokens).sum(1)
+        return self.head(summed / tokens_length.clamp(min=1).unsqueeze(1).float())
+
+
+def decode_digit(batch):
+    return {**batch, "image": decode_images(batch["image"], mode="L")}
+
+
+def _accuracy(pred):
+    return pred.selectExpr("avg(cast(prediction = label as double))").first()[0]
+
+
+@pytest.fixture(scope="module")
+def ratings(spark_local):
+    rng = np.random.default_rng(0)
+    n = 2000
+    users, items = rng.integers(0, 40, n), rng.integers(0, 30, n)
+    user_bias, item_bias = rng.normal(0, 1, 40), rng.normal(0, 1, 30)
+    rating = user_bias[users] + item_bias[items] + rng.normal(0, 0.1, n)
+    rows = [
+        (int(u), int(i), float(a), float(p), float(r))
+        for u, i, a, p, r in zip(users, items, rng.random(n), rng.random(n), rating)
+    ]
+    return spark_local.createDataFrame(
+        rows, "user int, item long, age double, price double, y double"
+    )
+
+
+def _loss(model):
+    return model.summary["metrics"]["train/loss"]
+
+
+def test_a_recommender_beats_a_dense_baseline_and_predicts_after_save_load(
+    ratings, tmp_path, spark_local
+):
+    common = dict(label_col="y", loss="mse", learning_rate=1e-2, batch_size=64, epochs=6)
+    baseline = sparkdl.TorchEstimator(
+        model=dense_only, feature_cols=["age", "price"], run_dir=str(tmp_path / "dense"), **common
+    ).fit(ratings)
+    features = {"user_id": "user", "item_id": "item", "dense": ["age", "price"]}
+    est = sparkdl.TorchEstimator(
+        model=Recommender, feature_cols=features, run_dir=str(tmp_path / "rec"), **common
+    )
+    model = est.fit(ratings)
+    assert _loss(model) < 0.5 * _loss(baseline), (_loss(model), _loss(baseline))
+    manifest = json.loads(open(tmp_path / "rec" / "data" / "_sparkdl_manifest.json").read())
+    assert {s["name"]: s["kind"] for s in manifest["inputs"]} == {
+        "user_id": "int",
+        "item_id": "int",
+        "dense": "dense",
+    }
+    stored = {f["name"]: f["type"] for f in manifest["schema"]}
+    assert stored["user"] == "int64" and stored["item"] == "int64"
+    pred = model.transform(ratings)
+    mse = pred.selectExpr("avg(pow(prediction - y, 2))").first()[0]
+    assert mse < 0.5 * _loss(baseline)
+    model.save(str(tmp_path / "saved"))
+    loaded = sparkdl.TorchModel.load(str(tmp_path / "saved"), trust_pickle=True)
+    again = loaded.transform(ratings).selectExpr("avg(pow(prediction - y, 2))").first()[0]
+    assert again == pytest.approx(mse, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def digit_images(spark_local):
+    def frame(name):
+        table = pq.read_table(os.path.join(DIGITS, f"{name}.parquet"))
+        rows = []
+        for features, label in zip(table.column("features").to_pylist(), table.column("label")):
+            pixels = (np.asarray(features).reshape(8, 8) * 255).round().astype(np.uint8)
+            out = io.BytesIO()
+            Image.fromarray(pixels, mode="L").save(out, format="PNG")
+            rows.append((bytearray(out.getvalue()), list(features), label.as_py()))
+        return spark_local.createDataFrame(rows, "image binary, pixels array<float>, label int")
+
+    return frame("train"), frame("test")
+
+
+def test_a_cnn_trains_from_a_png_column_and_predicts_after_save_load(digit_images, tmp_path):
+    train, test = digit_images
+    est = sparkdl.TorchEstimator(
+        model=DigitsCNN,
+        feature_cols={"image": "image"},
+        label_col="label",
+        transform_fn=decode_digit,
+        learning_rate=3e-3,
+        batch_size=32,
+        epochs=8,
+        run_dir=str(tmp_path / "png"),
+    )
+    model = est.fit(train)
+    manifest = json.loads(open(tmp_path / "png" / "data" / "_sparkdl_manifest.json").read())
+    assert [f["type"] for f in manifest["schema"] if f["name"] == "image"] == ["binary"]
+    accuracy = _accuracy(model.transform(test))
+    assert accuracy >= 0.90
+    model.save(str(tmp_path / "saved"))
+    loaded = sparkdl.TorchModel.load(str(tmp_path / "saved"), trust_pickle=True)
+    assert _accuracy(loaded.transform(test)) == pytest.approx(accuracy)
+
+
+def test_a_cnn_trains_from_an_array_column_with_feature_shapes(digit_images, tmp_path):
+    train, test = digit_images
+    est = sparkdl.TorchEstimator(
+        model=DigitsCNN,
+        feature_cols={"image": "pixels"},
+        feature_shapes={"image": [1, 8, 8]},
+        label_col="label",
+        learning_rate=3e-3,
+        batch_size=32,
+        epochs=8,
+        run_dir=str(tmp_path / "array"),
+    )
+    model = est.fit(train)
+    assert _accuracy(model.transform(test)) >= 0.90
+    model.save(str(tmp_path / "saved"))
+    loaded = sparkdl.TorchModel.load(str(tmp_path / "saved"), trust_pickle=True)
+    assert _accuracy(loaded.transform(test)) >= 0.90
+
+
+def test_a_token_classifier_trains_on_variable_length_arrays(spark_local, tmp_path):
+    rng = np.random.default_rng(1)
+    rows = []
+    for _ in range(1200):
+        tokens = rng.integers(4, 21, rng.integers(2, 15)).tolist()
+        label = int(rng.random() < 0.5)
+        if label:
+            tokens[rng.integers(len(tokens))] = 3
+        rows.append((tokens, label))
+    df = spark_local.createDataFrame(rows, "tokens array<int>, label int")
+    train, test = df.randomSplit([0.8, 0.2], seed=0)
+    est = sparkdl.TorchEstimator(
+        model=BagOfTokens,
+        feature_cols={"tokens": "tokens"},
+        max_lengths={"tokens": 16},
+        label_col="label",
+        learning_rate=1e-2,
+        batch_size=32,
+        epochs=8,
+        run_dir=str(tmp_path / "tokens"),
+    )
+    model = est.fit(train)
+    manifest = json.loads(open(tmp_path / "tokens" / "data" / "_sparkdl_manifest.json").read())
+    (spec,) = manifest["inputs"]
+    assert spec["kind"] == "ragged" and spec["max_length"] == 16
+    assert [f["type"] for f in manifest["schema"] if f["name"] == "tokens"] == [
+        "list<element: int64>"
+    ]
+    accuracy = _accuracy(model.transform(test))
+    assert accuracy >= 0.85
+    model.save(str(tmp_path / "saved"))
+    loaded = sparkdl.TorchModel.load(str(tmp_path / "saved"), trust_pickle=True)
+    assert _accuracy(loaded.transform(test)) == pytest.approx(accuracy)
+
+
+def test_bad_named_inputs_are_refused_on_the_driver_naming_the_column(spark_local, tmp_path):
+    df = spark_local.createDataFrame(
+        [(1, "a b", [[1.0, 2.0], [3.0, 4.0]], 0), (2, "c", [[1.0, 2.0], [3.0, 4.0]], 1)],
+        "user int, text string, grid array<array<double>>, label int",
+    ).withColumn("info", F.struct("user", "text"))
+
+    def materialize(feature_cols, **options):
+        return sparkdl.materialize(
+            df,
+            str(tmp_path / "ds"),
+            feature_cols=feature_cols,
+            label_col="label",
+            num_shards=1,
+            mode="overwrite",
+            **options,
+        )
+
+    with pytest.raises(DataError, match="'text'.*Tokenize"):
+        materialize({"text": "text"})
+    with pytest.raises(DataError, match="'info'"):
+        materialize({"info": "info"})
+    with pytest.raises(DataError, match="'grid'.*feature_shapes"):
+        materialize({"grid": "grid"})
+    with pytest.raises(DataError, match=r"feature_shapes\['grid'\].*4 values"):
+        materialize({"grid": "grid"}, feature_shapes={"grid": [3, 3]})
+    ds = materialize({"user": "user", "grid": "grid"}, feature_shapes={"grid": [2, 2]})
+    inputs, label = next(iter(ds.loader(0, 1, batch_size=2, shuffle=False)))
+    assert inputs["user"].dtype == torch.int64 and inputs["grid"].shape == (2, 2, 2)
