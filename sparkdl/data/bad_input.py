@@ -18,6 +18,7 @@ __all__ = [
     "MODES",
     "ON_INVALID",
     "Params",
+    "check_labels",
     "check_on_invalid",
     "check_params",
     "drop_nonfinite",
@@ -60,6 +61,38 @@ class Params:
     @property
     def has_validation(self) -> bool:
         return self.validation_fraction > 0 or self.validation_col is not None
+
+
+def check_labels(label_col: Any, sample_weight_col: Any, feature_cols: Any) -> Any:
+    """None for one label column without weights; else ``{"label_cols", "weight_col"}``
+    checked (names, no repeats, none among the features). ConfigError."""
+    if isinstance(label_col, str) and sample_weight_col is None:
+        return None
+    labels = [label_col] if isinstance(label_col, str) else label_col
+    ok = isinstance(labels, (list, tuple)) and bool(labels)
+    if not ok or not all(isinstance(c, str) and c for c in labels):
+        raise ConfigError(
+            f"label_col must be a column name or a non-empty list of them, got {label_col!r}. "
+            "Pass e.g. 'label' or ['clicked', 'rating']."
+        )
+    if sample_weight_col is not None and (
+        not isinstance(sample_weight_col, str) or not sample_weight_col
+    ):
+        raise ConfigError(
+            f"sample_weight_col must be None or a column name, got {sample_weight_col!r}. "
+            "Pass e.g. 'weight'."
+        )
+    columns = [*labels, *([sample_weight_col] if sample_weight_col else [])]
+    features = feature_cols if isinstance(feature_cols, (list, tuple)) else []
+    if isinstance(feature_cols, dict):
+        features = [c for v in feature_cols.values() for c in ([v] if isinstance(v, str) else v)]
+    clash = [c for c in columns if c in features] or [c for c in columns if columns.count(c) > 1]
+    if clash:
+        raise ConfigError(
+            f"label and weight columns must differ from each other and from feature_cols, got "
+            f"{clash[0]!r} twice. Use separate columns."
+        )
+    return {"label_cols": list(labels), "weight_col": sample_weight_col}
 
 
 def _is_int(value: Any) -> bool:

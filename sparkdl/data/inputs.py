@@ -23,11 +23,13 @@ from sparkdl.data.input_specs import InputSpec
 from sparkdl.errors import ConfigError, DataError
 
 __all__ = [
+    "batch_rows",
     "build_inputs",
     "call_model",
     "decode_images",
     "id_range_error",
     "move_to",
+    "split_batch",
     "zero_rows",
 ]
 
@@ -208,6 +210,16 @@ def id_range_error(exc: BaseException, batch: Any, specs: Sequence[InputSpec]) -
         f"the table), got a failing batch with {'; '.join(ranges)} ({exc}). Remap the ids in "
         "Spark (e.g. StringIndexer), or size the embeddings for the largest id."
     )
+
+
+def split_batch(batch: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+    """(features, labels, weights or None) of a loader batch."""
+    return (batch[0], batch[1], batch[2]) if len(batch) == 3 else (batch[0], batch[1], None)
+
+
+def batch_rows(labels: Any) -> int:
+    """Rows of a batch from its labels (a tensor, or a tuple of them with several labels)."""
+    return int((labels[0] if isinstance(labels, tuple) else labels).shape[0])
 
 
 def move_to(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:

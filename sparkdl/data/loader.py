@@ -60,6 +60,7 @@ from sparkdl.data.dataset import (
     rank_slice,
     steps_for,
 )
+from sparkdl.data.input_specs import InputSpec
 from sparkdl.data.inputs import build_inputs, move_to
 from sparkdl.data.prefetch import prefetched
 from sparkdl.data.readers import source_class
@@ -70,7 +71,8 @@ __all__ = ["ShardedDataset", "ShardLoader", "rank_slice", "steps_for"]
 
 log = logging.getLogger("sparkdl")
 
-Batch = tuple[Any, torch.Tensor]
+Batch = tuple[Any, ...]
+"""(features, label) or, with a sample weight column, (features, label, weight)."""
 _BUFFER_BYTES = 64 << 20
 _BUFFER_MAX_ROWS = 1 << 17
 
@@ -125,10 +127,11 @@ class ShardLoader:
             raise ConfigError(f"transform must be callable, got {transform!r}. Pass a function.")
         m = dataset.manifest
         self._manifest = m
-        if m.inputs and reader != "pyarrow":
+        if m.arrow_batches and reader != "pyarrow":
             raise ConfigError(
-                f"reader must be 'pyarrow' for a dataset with named inputs, got {reader!r}. "
-                "Use reader='pyarrow' (petastorm reads a list of numeric columns only)."
+                f"reader must be 'pyarrow' for a dataset with named inputs, several or array "
+                f"labels or sample weights, got {reader!r}. Use reader='pyarrow' (petastorm "
+                "reads a list of numeric columns and one label only)."
             )
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.shuffle, self.seed, self.split, self.drop_last = bool(shuffle), seed, split, drop_last
@@ -137,6 +140,7 @@ class ShardLoader:
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self.verify_checksums = verify_checksums
         m.shards_of(split)  # DataError for an unknown split
+        self._feature_specs, self._label_specs, self._weight_specs = _arrow_specs(m)
         total = m.splits[split]
         self._source: RowSource = source_class(reader)(
             dataset,
@@ -228,12 +232,11 @@ class ShardLoader:
         produced = self._produce(self._epoch, skip)
         if self.prefetch_batches > 0:
             produced = prefetched(produced, self.prefetch_batches)
-        for features, label in produced:
+        for batch in produced:
             if self.device is not None:
-                features = move_to(features, self.device, self.pin_memory)
-                label = label.to(self.device, non_blocking=self.pin_memory)
+                batch = move_to(batch, self.device, self.pin_memory)
             self._consumed += 1
-            yield features, label
+            yield batch
 
     # --- producer (runs in the prefetch thread) -------------------------------------------
 
@@ -342,31 +345,49 @@ class ShardLoader:
         return features, out["label"] if "label" in out else out[m.label_col]
 
     def _finish_named(self, table: pa.Table, label: np.ndarray) -> Batch:
-        """Named inputs: the batch's columns built into ``{argument: value}``, then the
-        transform on ``{**inputs, label_col: label}``; every key it returns besides the
-        label column's is an input."""
-        inputs = build_inputs(table, self._manifest.inputs)
-        y = torch.from_numpy(_writable(label))
+        """Rows kept as Arrow (named inputs, several or array labels, weights): the batch's
+        columns built into inputs, labels and weights (:func:`build_inputs`), then the
+        transform on ``{**inputs, label columns: labels, weight column: weights}``; every key
+        it returns besides the label and weight columns' is an input. A list ``feature_cols``
+        is the input ``"features"`` (float32 ``[B, F]``). ``label`` is a placeholder here."""
+        inputs = build_inputs(table, self._feature_specs)
+        labels = build_inputs(table, self._label_specs)
+        weights = build_inputs(table, self._weight_specs)
         if self.transform is not None:
-            label_col = self._manifest.label_col
-            out = self.transform({**inputs, label_col: y})
+            out = self.transform({**inputs, **labels, **weights})
             if not isinstance(out, dict):
                 raise DataError(
                     f"transform must return a dict, got {type(out).__name__}. Return the batch "
-                    f"dict: the model's inputs by name, the label under {label_col!r}."
+                    f"dict: the model's inputs by name, the labels under {list(labels)}."
                 )
             out = dict(out)
-            y = out.pop(label_col, y)
+            labels = {c: out.pop(c, v) for c, v in labels.items()}
+            weights = {c: out.pop(c, v) for c, v in weights.items()}
             inputs = out
         if self.pin_memory:
-            inputs, y = _pinned(inputs), y.pin_memory()
-        return inputs, y
+            inputs, labels, weights = _pinned(inputs), _pinned(labels), _pinned(weights)
+        features = inputs if self._manifest.inputs else inputs["features"]
+        values = list(labels.values())
+        y = values[0] if len(values) == 1 else tuple(values)
+        if weights:
+            return features, y, next(iter(weights.values()))
+        return features, y
+
+
+def _arrow_specs(m: Any) -> tuple[tuple[InputSpec, ...], ...]:
+    """(features, labels, weight) specs for batches built from Arrow rows."""
+    widths = tuple(shape[0] if shape else 1 for shape in m.feature_shapes)
+    dense = (InputSpec("features", tuple(m.feature_cols), "dense", widths=widths),)
+    kind = "int" if m.label_type == "int64" else "float"
+    label = (InputSpec(m.label_col, (m.label_col,), kind, m.label_type),)
+    weight = (InputSpec(m.weight_col, (m.weight_col,), "float"),) if m.weight_col else ()
+    return m.inputs or dense, m.labels or label, weight
 
 
 def _row_bytes(m: Any, split: str) -> int:
     """About what one row takes in the shuffle buffer: its float32 values, or with named
     inputs (binary, variable-length columns) twice its share of the split's file bytes."""
-    if not m.inputs:
+    if not m.arrow_batches:
         return 4 * (m.feature_dim + 1)
     rows = max(1, m.splits.get(split, 0))
     return max(4 * (m.feature_dim + 1), 2 * sum(f.bytes for f in m.files_of(split)) // rows)

@@ -141,7 +141,6 @@ class Manifest:
     sparkdl_version: str = field(default_factory=package_version)
 
     @property
-    @property
     def label_cols(self) -> tuple[str, ...]:
         """Every label column, ``label_col`` first."""
         return tuple(s.columns[0] for s in self.labels) or (self.label_col,)

@@ -42,6 +42,7 @@ from sparkdl.columns import quote_column
 from sparkdl.data.bad_input import (
     MODES,
     ON_INVALID,
+    check_labels,
     check_on_invalid,
     check_params,
     drop_nonfinite,
@@ -52,7 +53,14 @@ from sparkdl.data.bad_input import Params as _Params
 from sparkdl.data.dataset import ShardedDataset
 from sparkdl.data.input_specs import check_feature_cols, input_columns, is_named
 from sparkdl.data.manifest import FORMAT_VERSION, FileEntry, Manifest, ShardEntry
-from sparkdl.data.named_columns import named_bases, named_cast, nonfinite_kind, plan_named
+from sparkdl.data.named_columns import (
+    Layout,
+    named_cast,
+    nonfinite_kind,
+    plan_columns,
+    plan_named,
+    stored_labels,
+)
 from sparkdl.data.shard_jobs import (
     FLAG,
     KEY,
@@ -80,30 +88,6 @@ _ONE_WRITER_BYTES = 16 << 20
 """Up to this much data one task writes every shard: no shuffle, no task per shard."""
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Feature columns with their kind ("scalar" | "array" | "vector") and the label's type;
-    with named inputs, each column's base (``named_columns``) and the inputs' options."""
-
-    features: tuple[tuple[str, str], ...]
-    label_col: str
-    label_type: str
-    bases: tuple[tuple[str, str], ...] = ()
-    named: Any = None
-
-    @property
-    def columns(self) -> list[str]:
-        return [name for name, _ in self.features] + [self.label_col]
-
-    @property
-    def positional(self) -> list[str]:
-        """What the converted DataFrame calls ``columns``: ``_c0``, ``_c1``, ... Spark's jobs
-        never resolve a user's column name (``mapInArrow`` resolves every column by name, which
-        fails for names with dots or duplicates, and a user column may be named like sparkdl's
-        internal ones); the executors put the real names back before anything is written."""
-        return [f"_c{i}" for i in range(len(self.columns))]
-
-
 def materialize(
     df: DataFrame,
     path: str,
@@ -118,6 +102,7 @@ def materialize(
     row_group_rows: int | None = None,
     on_invalid: str = "error",
     validation_col: str | None = None,
+    sample_weight_col: str | None = None,
     feature_shapes: dict[str, Any] | None = None,
     max_lengths: dict[str, Any] | None = None,
     pad_values: dict[str, Any] | None = None,
@@ -146,6 +131,8 @@ def materialize(
     with mode="error".
     """
     check_on_invalid(on_invalid)
+    labels = check_labels(label_col, sample_weight_col, feature_cols)
+    label_col = labels["label_cols"][0] if labels else label_col
     named = None
     if is_named(feature_cols) or feature_shapes or max_lengths or pad_values:
         named = {
@@ -170,7 +157,7 @@ def materialize(
     )
     uri = storage.normalize_uri(path)
     fs, root = storage.resolve(uri)
-    layout = _plan_columns(df, params, named)
+    layout = plan_columns(df, params, named, labels)
     exists = storage.exists(fs, root)
     if exists and mode == "error":
         raise ConfigError(
@@ -180,7 +167,10 @@ def materialize(
     converted = _convert(df, layout, params.validation_col)
     if on_invalid == "skip":
         kinds = [nonfinite_kind(b) for _, b in layout.bases] or [k for _, k in layout.features]
-        kinds = kinds + ["scalar"]
+        label_kind = (
+            "array" if layout.labels and layout.labels["base"] == "list_float" else "scalar"
+        )
+        kinds = kinds + [nonfinite_kind(b) for _, b in layout.extras] + [label_kind]
         converted = drop_nonfinite(converted, layout.positional, kinds)
     fn = scan_partition(
         layout.positional,
@@ -217,71 +207,7 @@ def default_row_group_rows(shard_rows: int) -> int:
 # --- columns (driver, schema only) --------------------------------------------------------
 
 
-def _column_kind(name: str, dtype: Any) -> str | None:
-    from pyspark.sql import types as T
-
-    if isinstance(dtype, T.NumericType):
-        return "scalar"
-    if isinstance(dtype, T.ArrayType) and isinstance(dtype.elementType, T.NumericType):
-        return "array"
-    if type(dtype).__name__ == "VectorUDT":
-        return "vector"
-    return None
-
-
-def _plan_columns(df: DataFrame, params: _Params, named: Any = None) -> _Layout:
-    from pyspark.sql import types as T
-
-    fields = {f.name: f.dataType for f in df.schema.fields}
-    extra = (params.validation_col,) if params.validation_col else ()
-    for col in (*params.feature_cols, params.label_col, *extra):
-        if col not in fields:
-            raise ConfigError(
-                f"column {col!r} must exist in the DataFrame, got columns {sorted(fields)}. "
-                "Fix feature_cols/label_col or add the column."
-            )
-    if params.validation_col and not isinstance(fields[params.validation_col], T.BooleanType):
-        raise DataError(
-            f"validation_col {params.validation_col!r} must be boolean, got "
-            f"{fields[params.validation_col].simpleString()}. Derive it, e.g. "
-            "F.col('split') == 'validation'."
-        )
-    features = []
-    bases: dict[str, str] = {}
-    if named is not None:
-        if not is_named(named["feature_cols"]):
-            raise ConfigError(
-                f"feature_cols must be a dict of named inputs to use feature_shapes, "
-                f"max_lengths or pad_values, got {named['feature_cols']!r}. Name the inputs: "
-                'feature_cols={"image": "image", ...}.'
-            )
-        options = named["options"]
-        bases = named_bases(named["feature_cols"], fields, options["feature_shapes"])
-    for col in params.feature_cols:
-        if col in bases:
-            features.append((col, "scalar" if bases[col] in ("int", "float") else "array"))
-            continue
-        kind = _column_kind(col, fields[col])
-        if kind is None:
-            raise DataError(
-                f"feature column {col!r} must be numeric, array<numeric> or an ML vector, got "
-                f"{fields[col].simpleString()}. Encode it as numbers (e.g. StringIndexer) first."
-            )
-        features.append((col, kind))
-    label_type = fields[params.label_col]
-    if isinstance(label_type, T.IntegralType):
-        label = "int64"
-    elif isinstance(label_type, (T.FractionalType)):
-        label = "float32"
-    else:
-        raise DataError(
-            f"label column {params.label_col!r} must be numeric, got "
-            f"{label_type.simpleString()}. Index string labels with StringIndexer first."
-        )
-    return _Layout(tuple(features), params.label_col, label, tuple(bases.items()), named)
-
-
-def _real_names(converted: DataFrame, layout: _Layout) -> Any:
+def _real_names(converted: DataFrame, layout: Layout) -> Any:
     """The converted schema with the user's column names (what the plan hash records)."""
     from pyspark.sql import types as T
 
@@ -302,7 +228,7 @@ def _spark_schema(schema: Any) -> Any:
     )
 
 
-def _convert(df: DataFrame, layout: _Layout, validation_col: str | None = None) -> DataFrame:
+def _convert(df: DataFrame, layout: Layout, validation_col: str | None = None) -> DataFrame:
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
@@ -322,8 +248,14 @@ def _convert(df: DataFrame, layout: _Layout, validation_col: str | None = None) 
             from pyspark.ml.functions import vector_to_array  # pyspark.ml: only when needed
 
             exprs.append(vector_to_array(col, "float32").alias(alias))
-    label_type = T.LongType() if layout.label_type == "int64" else T.FloatType()
-    exprs.append(F.col(quote_column(layout.label_col)).cast(label_type).alias(names[-1]))
+    for (name, base), alias in zip(layout.extras, names[len(layout.features) :]):
+        exprs.append(named_cast(F.col(quote_column(name)), base, types[name]).alias(alias))
+    label = F.col(quote_column(layout.label_col))
+    if layout.labels is not None and layout.labels["base"] == "list_float":
+        exprs.append(named_cast(label, "list_float", types[layout.label_col]).alias(names[-1]))
+    else:
+        label_type = T.LongType() if layout.label_type == "int64" else T.FloatType()
+        exprs.append(label.cast(label_type).alias(names[-1]))
     if validation_col:
         exprs.append(F.coalesce(F.col(quote_column(validation_col)), F.lit(False)).alias(FLAG))
     return df.select(*exprs)
@@ -343,7 +275,7 @@ class _Scan:
     payload_bytes: int = 0
 
 
-def _scan(pieces: DataFrame, layout: _Layout) -> _Scan:
+def _scan(pieces: DataFrame, layout: Layout) -> _Scan:
     """Run job 1 (computing and persisting ``pieces``); its per-partition summaries combined."""
     from pyspark.sql import functions as F
 
@@ -372,7 +304,7 @@ def _scan(pieces: DataFrame, layout: _Layout) -> _Scan:
     )
 
 
-def _check_scan(scan: _Scan, layout: _Layout, params: _Params) -> dict[str, int]:
+def _check_scan(scan: _Scan, layout: Layout, params: _Params) -> dict[str, int]:
     """Validate the scan's statistics; return rows per split."""
     total = sum(scan.rows.values())
     if total == 0:
@@ -397,6 +329,7 @@ def _check_scan(scan: _Scan, layout: _Layout, params: _Params) -> dict[str, int]
                 f"{kind} column {col!r} must have one non-zero length in every row, got lengths "
                 f"{min(lengths)}..{max(lengths)}. Pad or truncate it to a fixed length first."
             )
+    stored_labels(layout, scan)  # label types and lengths: before any write
     if layout.named is not None:  # shapes, ragged columns in a dense input: before any write
         named = layout.named
         plan_named(named["feature_cols"], dict(layout.bases), scan.stats, named["options"])
@@ -417,7 +350,7 @@ def _check_scan(scan: _Scan, layout: _Layout, params: _Params) -> dict[str, int]
     return counts
 
 
-def _plan_hash(params: _Params, layout: _Layout, converted: DataFrame, scan: _Scan) -> str:
+def _plan_hash(params: _Params, layout: Layout, converted: DataFrame, scan: _Scan) -> str:
     """Hash of the materialize parameters, the converted schema and the data's content digest.
 
     The content digest (from the scan) is used rather than the plan's text alone because a
@@ -532,7 +465,7 @@ def _pieces_per_batch(spark: Any, records: int) -> Iterator[None]:
 
 def _build_manifest(
     params: _Params,
-    layout: _Layout,
+    layout: Layout,
     counts: dict[str, int],
     records: list[dict[str, Any]],
     plan_hash: str,
@@ -566,6 +499,8 @@ def _build_manifest(
         feature_cols=params.feature_cols,
         feature_shapes=tuple(shapes),
         inputs=inputs,
+        labels=stored_labels(layout, scan),
+        weight_col=(layout.labels or {}).get("weight_col") or "",
         label_col=params.label_col,
         label_type=layout.label_type,
         num_shards=params.num_shards,

@@ -30,7 +30,8 @@ __all__ = ["Chunk", "RowSource", "PyArrowSource", "decode_table", "plan_pieces"]
 
 Chunk = tuple[Any, np.ndarray]
 """Decoded rows: (float32 features ``[n, feature_dim]``, label ``[n]``); with named inputs the
-features are the rows' input columns as a ``pyarrow.Table`` (built into tensors per batch)."""
+features are the rows' columns as a ``pyarrow.Table`` (built into tensors per batch) and the
+label a placeholder (see ``Manifest.arrow_batches``)."""
 
 
 class RowSource(Protocol):
@@ -133,9 +134,7 @@ class PyArrowSource:
             pf = self._dataset.open_file(entry, verify=self.verify_checksums)
             handles[piece.file_index] = pf
         m = self._dataset.manifest
-        table = pf.read_row_groups(
-            [piece.row_group], columns=[*m.feature_cols, m.label_col], use_threads=True
-        )
+        table = pf.read_row_groups([piece.row_group], columns=list(m.stored_cols), use_threads=True)
         if piece.lo or piece.hi < table.num_rows:
             table = table.slice(piece.lo, piece.hi - piece.lo)
         return decode_table(table, m)
@@ -147,9 +146,8 @@ def decode_table(table: pa.Table, manifest: Manifest) -> Chunk:
     n = table.num_rows
     cols, shapes = manifest.feature_cols, manifest.feature_shapes
     label_dtype = np.int64 if manifest.label_type == "int64" else np.float32
-    if manifest.inputs:  # named inputs: the columns stay Arrow until a batch is built
-        label = _column_values(table, manifest.label_col, n, (), label_dtype)
-        return table.select(list(cols)), label
+    if manifest.arrow_batches:  # the columns stay Arrow until a batch is built
+        return table.select(list(manifest.stored_cols)), np.zeros(n, dtype=np.int8)
     if len(cols) == 1:
         features = _column_values(table, cols[0], n, shapes[0]).reshape(n, manifest.feature_dim)
     else:

@@ -73,7 +73,11 @@ ESTIMATOR_PARAMS: tuple[ParamSpec, ...] = (
     P("transform_fn", None, "transform_fn(batch: dict) -> dict, run in the loader thread on "
       "every batch before the model (decoding, normalisation, augmentation); also at inference "
       "unless inference_transform_fn is set"),
-    P("label_col", REQUIRED, "label column: class index (integer) or value (regression)"),
+    P("label_col", REQUIRED, "label column: class index (integer) or value (regression), an "
+      "array<numeric> (multi-label, float32 [B, K]), or a list of columns (multi-task: a "
+      "callable loss gets a tuple)", convert=as_list),
+    P("sample_weight_col", "", "numeric column weighting each row's loss (named losses: "
+      "normalised by the global batch's weight sum); empty: none"),
     P("run_dir", REQUIRED, "run directory on storage every executor reaches: a path (a shared "
       "mount) or a URI (hdfs://, s3://, ...)"),
     P("dataset_dir", "", "where fit materializes a DataFrame (a path or URI Spark's own "
@@ -148,8 +152,27 @@ def _check_estimator_values(v: dict[str, Any]) -> None:
             f"transform_fn must be None or a function of the batch dict, got "
             f"{v['transform_fn']!r}. Pass e.g. transform_fn=lambda batch: batch"
         )
-    for name in ("label_col", "run_dir"):
-        expect_name(name, v.get(name))
+    expect_name("run_dir", v.get("run_dir"))
+    labels = v.get("label_col")
+    if isinstance(labels, list):
+        if not labels or not all(isinstance(c, str) and c for c in labels):
+            raise ConfigError(
+                f"label_col must be a column name or a non-empty list of them, got {labels!r}. "
+                "Pass e.g. 'label' or ['clicked', 'rating']"
+            )
+        if len(labels) > 1 and isinstance(v.get("loss"), str):
+            raise ConfigError(
+                f"loss must be a callable loss(outputs, labels) for several label columns "
+                f"(labels is then a tuple of tensors), got loss={v['loss']!r} with label_col="
+                f"{labels!r}. Pass loss=lambda out, ys: ..., or one label column"
+            )
+    else:
+        expect_name("label_col", labels)
+    if not isinstance(v.get("sample_weight_col"), str):
+        raise ConfigError(
+            f"sample_weight_col must be a column name or empty, got {v.get('sample_weight_col')!r}"
+            ". Pass e.g. 'weight'"
+        )
     expect_int("num_workers", v["num_workers"], "Use e.g. num_workers=2")
     fraction = expect_number(
         "validation_fraction", v["validation_fraction"], "Use e.g. 0.1", at_least=0, below=1
@@ -243,7 +266,8 @@ class TorchEstimator(
             names = [i.name for i in manifest.inputs] if manifest.inputs else None
             wanted = list(feature_cols) if is_named(feature_cols) else None
             same = names == wanted and list(manifest.feature_cols) == input_columns(feature_cols)
-            if not same or manifest.label_col != label_col:
+            labels = [label_col] if isinstance(label_col, str) else label_col
+            if not same or list(manifest.label_cols) != labels:
                 raise ConfigError(
                     f"feature_cols/label_col must match the dataset's, got {feature_cols}/"
                     f"{label_col!r} vs {list(manifest.feature_cols)}/{manifest.label_col!r}. "
@@ -267,6 +291,7 @@ class TorchEstimator(
             validation_col=self.get("validation_col") or None,
             mode=mode,
             on_invalid=self.get("on_invalid"),
+            sample_weight_col=self.get("sample_weight_col") or None,
             **self._named_options(),
         )
 
@@ -326,6 +351,10 @@ class TorchEstimator(
             return
         label = self.get("label_col")
         loss = self.get("loss")
+        if isinstance(label, list):
+            if len(label) > 1:
+                return  # a callable loss (checked in _validate): its labels are its own
+            label = label[0]
         if isinstance(data, ShardedDataset):
             bad = _bad_class_label_in_dataset(data)
         else:
@@ -452,7 +481,7 @@ class TorchEstimator(
             run_dir=run.path,
             model_spec=configs.model,
             feature_cols=self.get("feature_cols"),
-            label_col=self.get("label_col"),
+            label_col=dataset.manifest.label_col,
             **outputs,
         )
 
@@ -544,17 +573,17 @@ def check_model_on_driver(
     """
     import torch
 
-    from sparkdl.data.inputs import call_model
-    from sparkdl.train.components import build_loss, metric_name, metric_sum
+    from sparkdl.data.inputs import call_model, split_batch
+    from sparkdl.train.components import build_loss, build_row_loss, metric_name, metric_sum
 
     rows = min(4, dataset.num_rows)
     loader = dataset.loader(
         0, 1, batch_size=rows, shuffle=False, prefetch_batches=0, transform=transform_fn
     )
-    features, labels = next(iter(loader))
+    features, labels, weights = split_batch(next(iter(loader)))
     batch = (
         f"a batch of {rows} rows: features {_describe(features)} from "
-        f"{feature_cols!r}, labels {tuple(labels.shape)} {labels.dtype}"
+        f"{feature_cols!r}, labels {_describe(labels)}"
     )
     try:
         module = configs.model.build()
@@ -570,8 +599,12 @@ def check_model_on_driver(
     try:
         with torch.no_grad():
             outputs = call_model(module, features)
-            build_loss(configs.optim)(outputs, labels)
-            metric_sum(metric_name(configs.optim), outputs, labels)
+            if weights is None:
+                build_loss(configs.optim)(outputs, labels)
+            else:
+                build_row_loss(configs.optim)(outputs, labels, weights)
+            if not isinstance(labels, tuple):
+                metric_sum(metric_name(configs.optim), outputs, labels)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (found on {batch}, before launch)") from exc
     except Exception as exc:
@@ -585,6 +618,8 @@ def check_model_on_driver(
 
 def _describe(features: Any) -> str:
     """A batch's features in words: shape and dtype of each tensor (lists: their length)."""
+    if isinstance(features, tuple):
+        return "(" + ", ".join(_describe(f) for f in features) + ")"
     if not isinstance(features, dict):
         return f"{tuple(features.shape)} {features.dtype}"
     parts = [

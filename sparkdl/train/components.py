@@ -23,13 +23,14 @@ from sparkdl.errors import ConfigError
 __all__ = [
     "build_loss",
     "build_optimizer",
+    "build_row_loss",
     "is_classification",
     "metric_name",
     "metric_sum",
     "prediction_of",
 ]
 
-_LOSSES: dict[str, Callable[[], nn.Module]] = {
+_LOSSES: dict[str, Callable[..., nn.Module]] = {
     "cross_entropy": nn.CrossEntropyLoss,
     "mse": nn.MSELoss,
     "l1": nn.L1Loss,
@@ -130,6 +131,32 @@ def build_loss(config: OptimConfig) -> Callable[[Any, torch.Tensor], torch.Tenso
         return loss(outputs, labels)
 
     return shaped
+
+
+def build_row_loss(config: OptimConfig) -> Callable[[Any, Any, torch.Tensor], torch.Tensor]:
+    """With sample weights: ``loss(outputs, labels, weights)`` → the sum over the batch of
+    each row's loss times its weight (the caller divides by the weight sum of the global
+    batch). A named loss computes the per-row loss (``reduction="none"``, averaged over any
+    other dimensions, e.g. the labels of a multi-label row); a callable ``config.loss`` is
+    called as ``loss(outputs, labels, weights)`` and its result used as it is."""
+    if not isinstance(config.loss, str):
+        return config.loss
+    loss = _LOSSES[config.loss](reduction="none")
+    indexed = config.loss in ("cross_entropy", "nll")
+
+    def weighted(outputs: Any, labels: Any, weights: torch.Tensor) -> torch.Tensor:
+        outputs = prediction_of(outputs)
+        if indexed:
+            rows = loss(outputs, labels if labels.dtype == torch.int64 else labels.long())
+        else:
+            labels = labels.to(outputs.dtype)
+            if outputs.dim() == 2 and outputs.shape[1] == 1 and labels.dim() == 1:
+                outputs = outputs.squeeze(1)
+            rows = loss(outputs, labels)
+        rows = rows.reshape(rows.shape[0], -1).mean(dim=1) if rows.dim() > 1 else rows
+        return (rows * weights.to(rows.dtype)).sum()
+
+    return weighted
 
 
 def build_optimizer(config: OptimConfig, params: Iterable[Any]) -> torch.optim.Optimizer:

@@ -33,7 +33,14 @@ from sparkdl import storage
 from sparkdl.channel.client import report_progress
 from sparkdl.config import TrainSpec
 from sparkdl.context import WorkerEnv, get_context
-from sparkdl.data.inputs import call_model, id_range_error, move_to, zero_rows
+from sparkdl.data.inputs import (
+    batch_rows,
+    call_model,
+    id_range_error,
+    move_to,
+    split_batch,
+    zero_rows,
+)
 from sparkdl.data.loader import ShardedDataset
 from sparkdl.errors import CheckpointError, ConfigError, DataError, PeerLostError, is_peer_loss
 from sparkdl.rundir.layout import RunLayout
@@ -42,7 +49,13 @@ from sparkdl.sync import SyncStrategy
 from sparkdl.sync.prepare import prepare_config
 from sparkdl.train.checkpoint import SHARDED_DIR, Checkpointer
 from sparkdl.train.collectives import all_reduce_max, all_reduce_sum
-from sparkdl.train.components import build_loss, build_optimizer, metric_name, metric_sum
+from sparkdl.train.components import (
+    build_loss,
+    build_optimizer,
+    build_row_loss,
+    metric_name,
+    metric_sum,
+)
 from sparkdl.train.early_stopping import EarlyStopping
 from sparkdl.train.metrics import MetricsLog
 
@@ -94,6 +107,7 @@ class _Trainer:
         self.strategy: SyncStrategy = self.sync.strategy
         self.model, self.optimizer = self.sync.module, self.sync.optimizer
         self.loss_fn = build_loss(spec.optim)
+        self.row_loss_fn = build_row_loss(spec.optim)
         self.metric = metric_name(spec.optim)
         self.early_stopping = self._early_stopping()
         self.kept_metrics: dict[str, float] = {}
@@ -168,21 +182,20 @@ class _Trainer:
         epoch_samples = 0
         bytes_before = self.strategy.comm_bytes
         start = time.perf_counter()
-        for features, labels in self.loader:
-            features = move_to(features, self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+        for batch in self.loader:
+            features, labels, weights = move_to(split_batch(batch), self.device, True)
             if self._empty_batch is None:
                 self._empty_batch = zero_rows(features)
             self.batch = features  # what a failing step was fed (see _translated)
             outputs = call_model(self.model, features)
-            loss = self.loss_fn(outputs, labels)
+            loss = self._loss(outputs, labels, weights)
             self._maybe_fail()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.sync.step()
             self.step += 1
             consumed += 1
-            epoch_samples += labels.shape[0]
+            epoch_samples += batch_rows(labels)
             tally.window += loss.detach().double()
             tally.score += metric_sum(self.metric, outputs, labels)
             tally.window_steps += 1
@@ -210,6 +223,22 @@ class _Trainer:
         epoch_bytes = float(self.strategy.comm_bytes - bytes_before)
         score = float(tally.score)
         self._record_epoch(epoch, seconds, [epoch_loss, epoch_samples, epoch_bytes, score])
+
+    def _loss(self, outputs: Any, labels: Any, weights: Any, *, synced: bool = True) -> Any:
+        """(all ranks, with weights under a synchronous strategy) The step's loss; weighted:
+        the rows' weighted losses over the global batch's weight sum (× world size, which the
+        gradient average divides out): N workers × b rows = 1 worker × N·b."""
+        if weights is None:
+            return self.loss_fn(outputs, labels)
+        summed = self.row_loss_fn(outputs, labels, weights)
+        if not isinstance(self.spec.optim.loss, str):
+            return summed
+        total = float(weights.sum())
+        scale = 1.0
+        if synced and self.strategy.synchronous and self.env.world_size > 1:
+            (total,) = all_reduce_sum([total], self.env)
+            scale = float(self.env.world_size)
+        return summed * (scale / max(total, 1e-12))
 
     def _record_epoch(self, epoch: int, seconds: float, sums: list[float]) -> None:
         """(all ranks) Cross-rank epoch metrics; the only collective of an asynchronous epoch."""
@@ -395,11 +424,12 @@ class _Trainer:
         # forwards as the rank with the most batches, the extra ones on zero rows.
         extra = all_reduce_max(len(loader), self.env) - len(loader)
         with torch.no_grad():
-            for features, labels in loader:
-                features, labels = move_to(features, self.device), labels.to(self.device)
+            for batch in loader:
+                features, labels, weights = move_to(split_batch(batch), self.device)
                 outputs = call_model(self.model, features)
-                loss_sum += float(self.loss_fn(outputs, labels)) * labels.shape[0]
-                count += labels.shape[0]
+                loss = self._loss(outputs, labels, weights, synced=False)
+                loss_sum += float(loss) * batch_rows(labels)
+                count += batch_rows(labels)
                 score += float(metric_sum(self.metric, outputs, labels))
             for _ in range(extra):
                 call_model(self.model, self._empty_inputs())

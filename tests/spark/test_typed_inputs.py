@@ -248,3 +248,44 @@ def test_bad_named_inputs_are_refused_on_the_driver_naming_the_column(spark_loca
     ds = materialize({"user": "user", "grid": "grid"}, feature_shapes={"grid": [2, 2]})
     inputs, label = next(iter(ds.loader(0, 1, batch_size=2, shuffle=False)))
     assert inputs["user"].dtype == torch.int64 and inputs["grid"].shape == (2, 2, 2)
+
+
+def linear3():
+    return torch.nn.Linear(3, 1)
+
+
+def test_sample_weights_two_workers_of_b_equal_one_worker_of_2b(spark_local, tmp_path):
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(32, 3)), rng.normal(size=32)
+    # row i goes to shard i % 2 = rank: rank 0's weights sum far below rank 1's, so a
+    # per-rank normalisation could not match the one-worker step
+    weights = np.where(np.arange(32) % 2 == 0, rng.uniform(0.1, 0.5, 32), rng.uniform(2, 4, 32))
+    rows = [(list(map(float, a)), float(b), float(w)) for a, b, w in zip(x, y, weights)]
+    df = spark_local.createDataFrame(rows, "x array<double>, y double, w double")
+
+    def fit(workers, name, **extra):
+        return (
+            sparkdl.TorchEstimator(
+                model=linear3,
+                feature_cols=["x"],
+                label_col="y",
+                loss="mse",
+                optimizer="sgd",
+                learning_rate=0.5,
+                batch_size=32 // workers,
+                epochs=1,
+                num_workers=workers,
+                shuffle=False,
+                run_dir=str(tmp_path / name),
+                **extra,
+            )
+            .fit(df)
+            .module.state_dict()
+        )
+
+    one = fit(1, "one", sample_weight_col="w")
+    two = fit(2, "two", sample_weight_col="w")
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-5)
+    unweighted = fit(1, "unweighted")
+    assert not torch.allclose(one["weight"], unweighted["weight"], atol=1e-3)

@@ -5,6 +5,7 @@ transform, shuffle and resume."""
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -297,3 +298,88 @@ def test_run_worker_trains_named_inputs_with_transform_fns(tmp_path):
 def test_an_id_outside_the_embedding_names_the_column_and_its_range(tmp_path):
     with pytest.raises(DataError, match=r"column 'u' \(input 'user'\): -3\.\.2"):
         _run(tmp_path, [0, 1, 2, -3, 1, 2, 0, 1])
+
+
+def _weighted_step(tmp_path, name, x, y, weights=None, loss="mse"):
+    from sparkdl.config import ModelSpec, OptimConfig, TrainSpec
+    from sparkdl.context import WorkerEnv
+    from sparkdl.rundir.model_dir import STATE_FILE
+    from sparkdl.train.worker import run_worker
+
+    columns = {"x": pa.array(list(x), pa.list_(pa.float32())), "y": pa.array(y)}
+    if weights is not None:
+        columns["w"] = pa.array(weights, pa.float64())
+    path = str(tmp_path / name)
+    write_dataset(
+        path,
+        [pa.table(columns)],
+        feature_cols=["x"],
+        label_col="y",
+        sample_weight_col="w" if weights is not None else None,
+    )
+    spec = TrainSpec(
+        model=ModelSpec(factory=lambda: torch.nn.Linear(3, 1 if loss == "mse" else 2)),
+        dataset_path=path,
+        run_dir=str(tmp_path / f"{name}-run"),
+        optim=OptimConfig(
+            batch_size=len(y),
+            epochs=1,
+            optimizer="sgd",
+            learning_rate=0.5,
+            loss=loss,
+            shuffle=False,
+        ),
+    )
+    result = run_worker(spec, WorkerEnv(rank=0, world_size=1))
+    return torch.load(os.path.join(result.model_dir, STATE_FILE), weights_only=True)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_rows_of_weight_zero_change_nothing(tmp_path, loss):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 3)).astype(np.float32)
+    y = (rng.random(12) > 0.5).astype(np.int64) if loss == "cross_entropy" else rng.normal(size=12)
+    weights = np.where(np.arange(12) % 3 == 0, 0.0, 1.0)
+    keep = weights > 0
+    with_zeros = _weighted_step(tmp_path, "zeros", x, y, weights, loss)
+    without = _weighted_step(tmp_path, "without", x[keep], y[keep], None, loss)
+    unweighted = _weighted_step(tmp_path, "all", x, y, None, loss)
+    for key in with_zeros:
+        torch.testing.assert_close(with_zeros[key], without[key], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(with_zeros["weight"], unweighted["weight"])
+    doubled = _weighted_step(tmp_path, "doubled", x, y, weights * 2.0, loss)
+    torch.testing.assert_close(doubled["weight"], with_zeros["weight"])  # normalised by the sum
+
+
+def test_several_labels_and_array_labels_reach_the_batch(tmp_path):
+    n = 8
+    table = pa.table(
+        {
+            "x": pa.array(np.arange(n, dtype=np.float32)),
+            "clicked": pa.array(np.arange(n) % 2, pa.int32()),
+            "rating": pa.array(np.arange(n) / 2.0),
+            "tags": pa.array([[i % 2, 1, 0] for i in range(n)], pa.list_(pa.int64())),
+            "w": pa.array(np.ones(n)),
+        }
+    )
+    ds_path = str(tmp_path / "multi")
+    write_dataset(ds_path, [table], feature_cols=["x"], label_col=["clicked", "rating"])
+    features, (clicked, rating) = next(
+        iter(ShardedDataset.load(ds_path).loader(0, 1, batch_size=4, shuffle=False))
+    )
+    assert features.shape == (4, 1) and features.dtype == torch.float32
+    assert clicked.dtype == torch.int64 and rating.dtype == torch.float32
+    assert rating.tolist() == [0.0, 0.5, 1.0, 1.5]
+    tags_path = str(tmp_path / "tags")
+    write_dataset(tags_path, [table], feature_cols=["x"], label_col="tags", sample_weight_col="w")
+    features, tags, w = next(
+        iter(ShardedDataset.load(tags_path).loader(0, 1, batch_size=4, shuffle=False))
+    )
+    assert tags.shape == (4, 3) and tags.dtype == torch.float32 and w.dtype == torch.float32
+    with pytest.raises(DataError, match="label column 's'.*numeric"):
+        write_dataset(
+            str(tmp_path / "bad"),
+            [table.append_column("s", pa.array(["a"] * n))],
+            feature_cols=["rating"],
+            label_col=["s"],
+        )
