@@ -119,6 +119,9 @@ def _ragged(
     if total:
         first, last = int(offsets[0]), int(offsets[-1])
         flat = _numpy(values.slice(first, last - first), dtype)
+        if width >= longest:  # nothing truncated: the values fill each row's head in order
+            out[np.arange(width) < lengths[:, None]] = flat
+            return torch.from_numpy(out), torch.from_numpy(kept.astype(np.int64))
         rows = np.repeat(np.arange(n), kept)
         starts = np.cumsum(kept) - kept
         cols = np.arange(total) - np.repeat(starts, kept)

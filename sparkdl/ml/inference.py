@@ -170,6 +170,8 @@ class _Plan:
     """Named inputs (empty: one float32 matrix of ``names``, ``model(x)``)."""
     transform: Any = None
     """Named inputs: applied to each forward pass's input dict first."""
+    with_raw: bool = False
+    """Also every output value of each row (array<float>), e.g. embeddings, several heads."""
 
 
 class _Predictor:
@@ -208,13 +210,20 @@ class _Predictor:
             out = prediction_of(self.module(chunk.to(self.device, non_blocking=True)))
             yield start, start + len(chunk), out.float()
 
-    def __call__(self, arrays: Sequence[pa.Array]) -> tuple[pa.Array, pa.Array | None]:
+    def __call__(self, arrays: Sequence[pa.Array]) -> tuple[pa.Array, list[pa.Array]]:
+        """The predictions, then the extra array columns: probabilities, raw outputs."""
         plan = self.plan
         n = len(arrays[0])
         predictions = np.empty(n, dtype=np.float64)
         probabilities: np.ndarray | None = None
+        raw: np.ndarray | None = None
         with torch.inference_mode():
             for start, stop, out in self._outputs(arrays):
+                if plan.with_raw:  # every output value of the row, flattened
+                    values = out.reshape(stop - start, -1).cpu().numpy()
+                    if raw is None:
+                        raw = np.empty((n, values.shape[1]), dtype=np.float32)
+                    raw[start:stop] = values
                 if not plan.classification:
                     predictions[start:stop] = out.reshape(stop - start, -1)[:, 0].cpu().numpy()
                     continue
@@ -224,7 +233,11 @@ class _Predictor:
                     if probabilities is None:
                         probabilities = np.empty((n, probs.shape[1]), dtype=np.float32)
                     probabilities[start:stop] = probs
-        return pa.array(predictions), _list_array(probabilities, n, plan.with_probability)
+        extras = [
+            _list_array(probabilities, n, plan.with_probability),
+            _list_array(raw, n, plan.with_raw),
+        ]
+        return pa.array(predictions), [e for e in extras if e is not None]
 
 
 def _list_array(probabilities: np.ndarray | None, n: int, wanted: bool) -> pa.Array | None:
@@ -237,17 +250,17 @@ def _list_array(probabilities: np.ndarray | None, n: int, wanted: bool) -> pa.Ar
     return pa.ListArray.from_arrays(offsets, pa.array(probabilities.reshape(-1)))
 
 
-def _udf_body(plan: _Plan, prediction: str, probability: str):
+def _udf_body(plan: _Plan, outputs: list[str]):
     def predict(batches: Iterator[Any]) -> Iterator[pa.Array]:
         predictor: _Predictor | None = None
         for item in batches:
             arrays = list(item) if isinstance(item, (tuple, list)) else [item]
             predictor = predictor or _Predictor(plan)
-            pred, prob = predictor(arrays)
-            if prob is None:
+            pred, extras = predictor(arrays)
+            if not extras:
                 yield pred
             else:
-                yield pa.StructArray.from_arrays([pred, prob], names=[prediction, probability])
+                yield pa.StructArray.from_arrays([pred, *extras], names=outputs)
 
     return predict
 
@@ -257,9 +270,8 @@ def _map_body(plan: _Plan, inputs: list[str], keep: int, outputs: list[str]):
         predictor: _Predictor | None = None
         for batch in batches:
             predictor = predictor or _Predictor(plan)
-            pred, prob = predictor([batch.column(name) for name in inputs])
-            columns = [batch.column(i) for i in range(keep)] + [pred]
-            columns += [prob] if prob is not None else []
+            pred, extras = predictor([batch.column(name) for name in inputs])
+            columns = [batch.column(i) for i in range(keep)] + [pred, *extras]
             yield pa.RecordBatch.from_arrays(columns, names=batch.schema.names[:keep] + outputs)
 
     return predict
@@ -327,10 +339,10 @@ def _with_arrow_udf(df: DataFrame, exprs: list[Column], plan: _Plan, outputs: li
 
     prediction = outputs[0]
     if len(outputs) == 1:
-        udf = _arrow_udf(_udf_body(plan, prediction, ""), "double")
+        udf = _arrow_udf(_udf_body(plan, outputs), "double")
         return df.withColumn(prediction, udf(*exprs))
-    kind = f"struct<{quote_column(prediction)}: double, {quote_column(outputs[1])}: array<float>>"
-    udf = _arrow_udf(_udf_body(plan, prediction, outputs[1]), kind)
+    extra = "".join(f", {quote_column(name)}: array<float>" for name in outputs[1:])
+    udf = _arrow_udf(_udf_body(plan, outputs), f"struct<{quote_column(prediction)}: double{extra}>")
     # Appended by withColumn and dropped by name: every other column stays as it is, whatever
     # its name (duplicates after a join, dots, spaces), and is never resolved.
     out = _unused_name(df.columns, "__sparkdl_prediction__")
@@ -360,8 +372,8 @@ def _with_map_in_arrow(df: DataFrame, exprs: list[Column], plan: _Plan, outputs:
     prepared = df.select("*", *exprs).toDF(*positional)
     fields = [StructField(name, f.dataType, f.nullable) for name, f in zip(positional, df.schema)]
     fields.append(StructField("_out0", DoubleType(), False))
-    if len(outputs) > 1:
-        fields.append(StructField("_out1", ArrayType(FloatType(), False), False))
+    for i in range(1, len(outputs)):
+        fields.append(StructField(f"_out{i}", ArrayType(FloatType(), False), False))
     body = _map_body(plan, inputs, keep, [f.name for f in fields[keep:]])
     scored = prepared.mapInArrow(body, StructType(fields))
     return scored.toDF(*df.columns, *outputs)
@@ -380,10 +392,13 @@ def predict_dataframe(
     device: str = "auto",
     inputs: Sequence[InputSpec] = (),
     transform: Any = None,
+    raw_col: str | None = None,
 ) -> DataFrame:
     """``df`` with ``output_col`` (and ``probability_col``) appended, computed in Arrow batches.
 
-    ``module`` is an ``nn.Module`` or a :class:`ShippedModule` (broadcast already). With
+    ``raw_col``: also the model's output per row, flattened, as array<float> (the prediction
+    tensor of :func:`prediction_of`: several heads, embeddings). ``module`` is an
+    ``nn.Module`` or a :class:`ShippedModule` (broadcast already). With
     ``inputs`` (named inputs, :mod:`sparkdl.data.input_specs`) the model gets
     ``model(**inputs)`` built as in training (``transform`` applied first) from the columns
     the inputs name, each cast as training stored it; ``feature_cols`` is then unused. Bad
@@ -392,7 +407,7 @@ def predict_dataframe(
     """
     from pyspark.sql import functions as F
 
-    for name in (output_col, probability_col):
+    for name in (output_col, probability_col, raw_col):
         if name and name in df.columns:
             raise DataError(
                 f"output column {name!r} must not exist in the DataFrame, got it among "
@@ -418,8 +433,10 @@ def predict_dataframe(
         device,
         tuple(inputs),
         transform if inputs else None,
+        bool(raw_col),
     )
     outputs = [output_col] + ([probability_col] if with_probability and probability_col else [])
+    outputs += [raw_col] if raw_col else []
     use_arrow_udf = hasattr(F, "arrow_udf") if USE_ARROW_UDF is None else USE_ARROW_UDF
     if use_arrow_udf:
         return _with_arrow_udf(df, exprs, plan, outputs)

@@ -54,6 +54,12 @@ OUTPUT_PARAMS = (
         "'auto' (the task's Spark GPU, else a visible CUDA device, else the CPU), 'cpu', 'cuda'",
     ),
     ParamSpec(
+        "output_col",
+        "",
+        "output column of the model's raw output per row, flattened (array<float>): several "
+        "outputs, embeddings; empty: not produced",
+    ),
+    ParamSpec(
         "inference_transform_fn",
         None,
         "named inputs: transform_fn(batch: dict) -> dict applied to every batch in transform "
@@ -64,7 +70,7 @@ OUTPUT_PARAMS = (
 
 def check_output_params(values: dict[str, Any]) -> None:
     """ConfigError for a bad prediction_col / probability_col / inference_* value."""
-    for name in ("prediction_col", "probability_col"):
+    for name in ("prediction_col", "probability_col", "output_col"):
         value = values.get(name)
         if not isinstance(value, str) or (name == "prediction_col" and not value):
             raise ConfigError(
@@ -188,6 +194,7 @@ class TorchModel(TableParams, Model, ParamsPersistence, MLWritable, MLReadable["
             device=self.get("inference_device"),
             inputs=self.inputs,
             transform=self.get("inference_transform_fn"),
+            raw_col=self.get("output_col") or None,
         )
 
     # --- persistence -------------------------------------------------------------------------

@@ -14,11 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from pyspark.ml import Pipeline, PipelineModel
 from pyspark.sql import functions as F
 
 import sparkdl
 from sparkdl.data import decode_images
 from sparkdl.errors import DataError
+from sparkdl.ml import trust_pickle
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -63,11 +65,11 @@ class DigitsCNN(torch.nn.Module):
 class BagOfTokens(torch.nn.Module):
     def __init__(self, vocab=21):
         super().__init__()
-        self.embed = torch.nn.Embedding(vocab, 16, padding_idx=0)
+        self.bag = torch.nn.EmbeddingBag(vocab, 16, mode="sum", padding_idx=0)
         self.head = torch.nn.Linear(16, 2)
 
-    def forward(self, tokens, tokens_length):
-        summed = self.embed(tokens).sum(1)
+    def forward(self, tokens, tokens_length):  # int64 [B, T] padded with 0, int64 [B]
+        summed = self.bag(tokens)
         return self.head(summed / tokens_length.clamp(min=1).unsqueeze(1).float())
 
 
@@ -178,10 +180,12 @@ def test_a_cnn_trains_from_an_array_column_with_feature_shapes(digit_images, tmp
         epochs=8,
         run_dir=str(tmp_path / "array"),
     )
-    model = est.fit(train)
-    assert _accuracy(model.transform(test)) >= 0.90
-    model.save(str(tmp_path / "saved"))
-    loaded = sparkdl.TorchModel.load(str(tmp_path / "saved"), trust_pickle=True)
+    fitted = Pipeline(stages=[est]).fit(train)  # and through a Pipeline's save/load
+    assert _accuracy(fitted.transform(test)) >= 0.90
+    fitted.save(str(tmp_path / "saved"))
+    with trust_pickle():
+        loaded = PipelineModel.load(str(tmp_path / "saved"))
+    assert loaded.stages[0].getFeatureCols() == {"image": "pixels"}
     assert _accuracy(loaded.transform(test)) >= 0.90
 
 
@@ -215,6 +219,10 @@ def test_a_token_classifier_trains_on_variable_length_arrays(spark_local, tmp_pa
     ]
     accuracy = _accuracy(model.transform(test))
     assert accuracy >= 0.85
+    raw = model.copy({model.output_col: "logits"}).transform(test).select("prediction", "logits")
+    rows = raw.collect()
+    assert all(len(r["logits"]) == 2 for r in rows)
+    assert all(int(np.argmax(r["logits"])) == r["prediction"] for r in rows)
     model.save(str(tmp_path / "saved"))
     loaded = sparkdl.TorchModel.load(str(tmp_path / "saved"), trust_pickle=True)
     assert _accuracy(loaded.transform(test)) == pytest.approx(accuracy)
