@@ -1,4 +1,4 @@
-"""Benchmarks, one subcommand each: ``python -m benchmarks [loader|launch|train|sync|inference|materialize|all]``.
+"""Benchmarks, one subcommand each: ``python -m benchmarks [loader|launch|train|sync|inference|materialize|inputs|all]``.
 
 Run from the repository root. ``all`` runs every benchmark with its defaults. Add a benchmark:
 a module with ``add_xxx(subparsers)`` that registers a subcommand with ``func=...``, listed in
@@ -11,14 +11,23 @@ import argparse
 import sys
 
 from benchmarks.inference import add_inference
+from benchmarks.inputs import add_inputs
 from benchmarks.launch import add_launch
 from benchmarks.loader import add_loader
 from benchmarks.materialize import add_materialize
 from benchmarks.sync import add_sync
 from benchmarks.train import add_train
 
-BENCHMARKS = [add_loader, add_launch, add_train, add_sync, add_inference, add_materialize]
-ALL = ("loader", "launch", "train", "sync", "inference", "materialize")
+BENCHMARKS = [
+    add_loader,
+    add_launch,
+    add_train,
+    add_sync,
+    add_inference,
+    add_materialize,
+    add_inputs,
+]
+ALL = ("loader", "launch", "train", "sync", "inference", "materialize", "inputs")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,7 +46,7 @@ replicas as fallback).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -85,7 +85,10 @@ class ShardLoader:
     ``drop_last`` see module docstring; ``prefetch_batches`` depth of the background queue (0 =
     read in the caller's thread); ``device``/``pin_memory`` where batches go; ``shuffle_buffer_rows``
     bound of the row shuffle buffer (default: about 64 MiB of rows, at least 2 batches);
-    ``transform`` hook run in the loader thread; ``verify_checksums`` check sha256 on first open;
+    ``transform`` hook run in the loader thread; ``transform_threads`` batches built and
+    transformed at once (> 1: the same batches in the same order, but the transform runs on
+    several batches concurrently, so one drawing from a shared RNG loses its exact sequence;
+    for transforms that wait, e.g. on ``decode_images(workers=N)``); ``verify_checksums`` check sha256 on first open;
     ``reader`` the row source's name (:mod:`sparkdl.data.readers`), and any other keyword
     arguments its options (e.g. petastorm's ``workers_count``).
     """
@@ -107,6 +110,7 @@ class ShardLoader:
         pin_memory: bool = False,
         shuffle_buffer_rows: int | None = None,
         transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        transform_threads: int = 1,
         verify_checksums: bool = True,
         reader: str = "pyarrow",
         **reader_options: Any,
@@ -125,6 +129,8 @@ class ShardLoader:
             _check_positive("shuffle_buffer_rows", shuffle_buffer_rows)
         if transform is not None and not callable(transform):
             raise ConfigError(f"transform must be callable, got {transform!r}. Pass a function.")
+        _check_positive("transform_threads", transform_threads)
+        self.transform_threads = transform_threads
         m = dataset.manifest
         self._manifest = m
         if m.arrow_batches and reader != "pyarrow":
@@ -241,6 +247,18 @@ class ShardLoader:
     # --- producer (runs in the prefetch thread) -------------------------------------------
 
     def _produce(self, epoch: int, skip: int) -> Iterator[Batch]:
+        rows = self._rows(epoch, skip)
+        if self.transform_threads > 1:
+            yield from _in_order(self._finish, rows, self.transform_threads)
+            return
+        try:
+            for features, label in rows:
+                yield self._finish(features, label)
+        finally:
+            rows.close()  # releases the source's files and threads now
+
+    def _rows(self, epoch: int, skip: int) -> Generator[tuple[Any, np.ndarray], None, None]:
+        """The epoch's batches of rows (not yet tensors), after the first ``skip``."""
         rng = np.random.default_rng([self.seed, epoch, self.rank])
         capacity = self.shuffle_buffer_rows if self.shuffle else self.batch_size
         chunks = self._source.chunks(rng, self.shuffle)
@@ -252,9 +270,7 @@ class ShardLoader:
                         return
                     emitted += 1
                     if emitted > skip:
-                        yield self._finish(
-                            features[i : i + self.batch_size], label[i : i + self.batch_size]
-                        )
+                        yield features[i : i + self.batch_size], label[i : i + self.batch_size]
         finally:
             close = getattr(chunks, "close", None)  # releases the source's files and threads
             if close is not None:
@@ -382,6 +398,30 @@ def _arrow_specs(m: Any) -> tuple[tuple[InputSpec, ...], ...]:
     label = (InputSpec(m.label_col, (m.label_col,), kind, m.label_type),)
     weight = (InputSpec(m.weight_col, (m.weight_col,), "float"),) if m.weight_col else ()
     return m.inputs or dense, m.labels or label, weight
+
+
+def _in_order(finish: Any, rows: Iterator[Any], threads: int) -> Iterator[Batch]:
+    """``finish(*item)`` of every item of ``rows`` in order, up to ``threads`` at a time (a
+    transform that waits on its own worker processes, e.g. ``decode_images(workers=N)``, then
+    overlaps with the next batch's)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: deque[Any] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="sparkdl-transform") as pool:
+        try:
+            for item in rows:
+                pending.append(pool.submit(finish, *item))
+                if len(pending) >= threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+            close = getattr(rows, "close", None)
+            if close is not None:
+                close()
 
 
 def _row_bytes(m: Any, split: str) -> int:

@@ -146,6 +146,12 @@ def test_decode_images_is_to_tensor_layout():
         decode_images([images[0], b"not an image"])
     with pytest.raises(DataError, match="size"):
         decode_images([_png(0, (6, 4)), _png(0, (4, 4))])
+    many = [_png(i, (6, 4)) for i in range(40)]
+    torch.testing.assert_close(decode_images(many, workers=2), decode_images(many))
+    with pytest.raises(DataError, match=r"images\[33\]"):
+        decode_images([*many[:33], b"broken", *many[33:]], workers=2)
+    with pytest.raises(ConfigError, match="workers"):
+        decode_images(many, workers=-1)
 
 
 class _Model(torch.nn.Module):
@@ -383,3 +389,20 @@ def test_several_labels_and_array_labels_reach_the_batch(tmp_path):
             feature_cols=["rating"],
             label_col=["s"],
         )
+
+
+def test_transform_threads_give_the_same_batches_in_order(tmp_path):
+    ds = _loader_dataset(tmp_path)
+
+    def transform(batch):
+        return {**batch, "user": batch["user"] * 2}
+
+    def batches(threads):
+        loader = ds.loader(
+            0, 1, batch_size=3, shuffle=True, seed=4, transform=transform, transform_threads=threads
+        )
+        return [(b[0]["user"].tolist(), b[1].tolist()) for b in loader]
+
+    assert batches(3) == batches(1) and len(batches(1)) == 13
+    with pytest.raises(ConfigError, match="transform_threads"):
+        ds.loader(0, 1, batch_size=3, transform_threads=0)
