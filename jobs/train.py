@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         label = F.col(quote_column(data["label_col"]))
         scored = model.transform(read_input(spark, data["test"], data["format"], data["options"]))
         run_name = RunLayout(model.run_dir).name
-        with spark_job_phase(spark.sparkContext, job_description(run_name, "predict")):
+        with spark_job_phase(spark, job_description(run_name, "predict")):
             if model.classification:
                 hits = (F.col("prediction") == label).cast("double")
                 print(f"test accuracy: {scored.select(F.avg(hits)).first()[0]:.4f}")

@@ -50,6 +50,9 @@ class WorkerEnv:
     """Per-run random token shared with the driver's channel (empty: no channel)."""
     channel_addr: str = ""
     """host:port of the driver's progress channel (empty: none)."""
+    feed_dir: str = ""
+    """Where this rank writes progress and log frames when the channel cannot be reached: the
+    run directory's ``logs/feed/attempt-N`` (empty: none; see :mod:`sparkdl.channel.feed`)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -102,9 +105,10 @@ def worker_group(env: WorkerEnv) -> Iterator[WorkerContext]:
     """(all ranks) Form the process group described by ``env``, expose it via get_context(), tear down.
 
     With world_size 1 no process group is formed, so every worker piece runs without one. With
-    a driver channel (``env.channel_addr``), log records and progress go to the driver meanwhile.
+    a driver channel (``env.channel_addr``) or a run-directory feed (``env.feed_dir``), log
+    records and progress go to the driver meanwhile.
     """
-    with forward_logs(env.channel_addr, env.run_token, env.rank):
+    with forward_logs(env.channel_addr, env.run_token, env.rank, env.feed_dir):
         with _process_group(env) as context:
             yield context
 

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 __all__ = [
+    "connect_spark_session",
+    "connect_server_command",
     "local_spark_session",
     "LOOPBACK",
     "free_port",
@@ -60,28 +62,92 @@ def local_spark_session(
         return active
     if active is not None:
         active.stop()
-    builder = (
-        SparkSession.builder.master(master)
-        .appName(app_name)
-        .config("spark.driver.host", LOOPBACK)
-        .config("spark.driver.bindAddress", LOOPBACK)
-        .config("spark.ui.enabled", "true" if ui else "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.shuffle.partitions", "4")
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.pyspark.python", sys.executable)
-        .config("spark.executorEnv.PYSPARK_PYTHON", sys.executable)
-        .config("spark.executorEnv.SPARK_LOCAL_IP", LOOPBACK)
-        .config("spark.python.worker.reuse", "true")
-    )
-    if master.startswith("local-cluster"):
-        # Separate executor JVMs must find the same interpreter and package as the driver.
-        builder = builder.config("spark.executorEnv.PYTHONPATH", os.pathsep.join(sys.path))
-    for key, value in (conf or {}).items():
+    builder = SparkSession.builder.master(master).appName(app_name)
+    for key, value in {**_local_conf(master, ui), **(conf or {})}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+def _local_conf(master: str, ui: bool) -> dict[str, str]:
+    """The Spark conf of a loopback-only session whose executors run ``sys.executable``."""
+    conf = {
+        "spark.driver.host": LOOPBACK,
+        "spark.driver.bindAddress": LOOPBACK,
+        "spark.ui.enabled": "true" if ui else "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.shuffle.partitions": "4",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.pyspark.python": sys.executable,
+        "spark.executorEnv.PYSPARK_PYTHON": sys.executable,
+        "spark.executorEnv.SPARK_LOCAL_IP": LOOPBACK,
+        "spark.python.worker.reuse": "true",
+    }
+    if master.startswith("local-cluster"):
+        # Separate executor JVMs must find the same interpreter and package as the driver.
+        conf["spark.executorEnv.PYTHONPATH"] = os.pathsep.join(sys.path)
+    return conf
+
+
+def connect_spark_session(
+    remote: str = "local[2]",
+    app_name: str = "sparkdl",
+    conf: dict[str, str] | None = None,
+    *,
+    ui: bool = False,
+) -> SparkSession:
+    """A Spark Connect session (Spark ≥ 3.5 client with pyspark's ``connect`` extra).
+
+    ``remote`` is ``local[N]`` or ``local-cluster[N,C,M]``: pyspark starts a Connect server in
+    this process (loopback only, executors on ``sys.executable``; a classic session running
+    here is stopped first, one SparkContext per process), stopped again by ``spark.stop()``.
+    Or ``sc://host:port`` of a running server (see :func:`connect_server_command`); ``conf``
+    then holds runtime settings only.
+    """
+    import warnings
+
+    os.environ.setdefault("SPARK_LOCAL_IP", LOOPBACK)
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
+    from pyspark.sql import SparkSession
+
+    settings = dict(conf or {})
+    if remote.startswith("local"):
+        from pyspark.sql.session import SparkSession as ClassicSession
+
+        active = ClassicSession._instantiatedSession
+        if active is not None and active._sc._jsc is not None:
+            active.stop()
+        settings = {**_local_conf(remote, ui), **settings}
+    builder = SparkSession.builder.remote(remote).appName(app_name)
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    with warnings.catch_warnings():  # static settings are applied at start, then refused
+        warnings.simplefilter("ignore")
+        return builder.getOrCreate()
+
+
+def connect_server_command(port: int, master: str = "local[2]") -> list[str]:
+    """The command that starts a standalone Spark Connect server from the pip pyspark, bound
+    to 127.0.0.1:``port``, with executors on ``sys.executable`` (stop it by its PID)."""
+    import pyspark
+
+    home = os.path.dirname(pyspark.__file__)
+    command = [
+        os.path.join(home, "bin", "spark-submit"),
+        "--class",
+        "org.apache.spark.sql.connect.service.SparkConnectServer",
+        "--master",
+        master,
+        "--conf",
+        f"spark.connect.grpc.binding.port={port}",
+        "--conf",
+        f"spark.connect.grpc.binding.address={LOOPBACK}",
+    ]
+    for key, value in _local_conf(master, ui=False).items():
+        command += ["--conf", f"{key}={value}"]
+    return command
 
 
 def free_port(host: str = LOOPBACK) -> int:

@@ -34,6 +34,7 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "ChannelClient",
     "ChannelLogHandler",
+    "FrameRoute",
     "SEND_TIMEOUT_S",
     "forward_logs",
     "gather",
@@ -204,12 +205,57 @@ class ChannelClient:
                     pass
 
 
-class ChannelLogHandler(logging.Handler):
-    """(worker) Forwards log records to the driver; writes them to stderr once the channel fails."""
+class FrameRoute:
+    """(worker) Where one rank's frames go: the driver channel while it works, then the
+    run-directory feed (:mod:`sparkdl.channel.feed`) when there is one, else nowhere (False).
 
-    def __init__(self, client: ChannelClient, rank: int) -> None:
+    The switch to the feed happens once, when the channel fails (or there is none), and is
+    logged once; frames the channel had queued when it failed go to the feed too.
+    """
+
+    def __init__(self, client: ChannelClient | None, feed: Any = None) -> None:
+        self.client, self.feed = client, feed
+        self.on_switch: Callable[[], None] | None = None
+        self._switched = False
+
+    @property
+    def healthy(self) -> bool:
+        """Whether frames still go through the driver channel."""
+        return self.client is not None and self.client.healthy
+
+    @property
+    def failure(self) -> str | None:
+        if self.client is None:
+            return "no driver channel"
+        return self.client.failure
+
+    def send(self, frame: dict[str, Any]) -> bool:
+        if self.client is not None and self.client.send(frame):
+            return True
+        return self._to_feed(frame)
+
+    def _to_feed(self, frame: dict[str, Any]) -> bool:
+        if self.feed is None:
+            return False
+        if not self._switched:
+            self._switched = True
+            if self.client is not None and self.on_switch is not None:
+                self.on_switch()
+        return bool(self.feed.send(frame))
+
+    def replay(self, frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Hand frames the channel could not deliver to the feed; those it could not take."""
+        return [f for f in frames if not self._to_feed(f)]
+
+
+class ChannelLogHandler(logging.Handler):
+    """(worker) Forwards log records to the driver (through a :class:`FrameRoute`); writes them
+    to stderr when no route takes them."""
+
+    def __init__(self, client: ChannelClient | FrameRoute, rank: int) -> None:
         super().__init__(logging.INFO)
-        self.client, self.rank = client, rank
+        self.client = client if isinstance(client, FrameRoute) else FrameRoute(client)
+        self.rank = rank
         self.fallback = logging.StreamHandler(sys.stderr)
         self.fallback.setFormatter(
             logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s")
@@ -249,8 +295,9 @@ class ChannelLogHandler(logging.Handler):
         self.fallback.emit(record)
 
     def replay(self, frames: list[dict[str, Any]]) -> None:
-        """Write frames the channel could not deliver to stderr (the client's ``on_fail``)."""
-        for frame in frames:
+        """Frames the channel could not deliver (the client's ``on_fail``): to the feed when
+        there is one, else their log lines to stderr."""
+        for frame in self.client.replay(frames):
             if frame.get("t") == "log":
                 record = logging.makeLogRecord(
                     {
@@ -263,39 +310,58 @@ class ChannelLogHandler(logging.Handler):
                 self._plain(record)
 
 
-_active: tuple[ChannelClient, int] | None = None
+_active: tuple[FrameRoute, int] | None = None
 
 
 @contextmanager
-def forward_logs(addr: str, token: str, rank: int) -> Iterator[ChannelClient | None]:
+def forward_logs(addr: str, token: str, rank: int, feed_dir: str = "") -> Iterator[Any]:
     """(worker) For the duration of a run: this process's log records (the ``sparkdl`` logger
     at INFO and above, other loggers at their levels) and :func:`report_progress` go to the
-    driver. Without an address it does nothing. The channel is flushed and closed on exit."""
+    driver, through its channel at ``addr`` or, when the channel cannot be reached (or there is
+    none), through the run-directory feed ``feed_dir`` (see :mod:`sparkdl.channel.feed`).
+    Without either it does nothing. A ``started`` frame goes first (the driver's start watch
+    counts them); everything is flushed and closed on exit."""
     global _active
-    if not addr or not token:
+    if not (addr and token) and not feed_dir:
         yield None
         return
-    client = ChannelClient(addr, token)
-    handler = ChannelLogHandler(client, rank)
-    client.on_fail = handler.replay
+    from sparkdl.channel.feed import FeedWriter
+
+    client = ChannelClient(addr, token) if addr and token else None
+    feed = FeedWriter(feed_dir, rank) if feed_dir else None
+    route = FrameRoute(client, feed)
+    handler = ChannelLogHandler(route, rank)
+    route.on_switch = lambda: log.warning(
+        "the driver channel at %s cannot be reached (%s); progress and log lines go through "
+        "the run directory (%s)",
+        addr,
+        route.failure,
+        feed_dir,
+    )
+    if client is not None:
+        client.on_fail = handler.replay
     root, ours = logging.getLogger(), logging.getLogger("sparkdl")
     saved_level = ours.level
     if ours.getEffectiveLevel() > logging.INFO:
         ours.setLevel(logging.INFO)
     root.addHandler(handler)
-    previous, _active = _active, (client, rank)
+    previous, _active = _active, (route, rank)
+    route.send({"t": "started", "rank": rank, "time": time.time()})
     try:
-        yield client
+        yield route
     except BaseException as exc:
         # Spark reports only the first failed task of a barrier stage: every failing rank also
         # tells the driver itself, so the group's error lists them all.
-        client.send({"t": "failure", "rank": rank, "failure": _encoded(rank, exc)})
+        route.send({"t": "failure", "rank": rank, "failure": _encoded(rank, exc)})
         raise
     finally:
         _active = previous
         root.removeHandler(handler)
         ours.setLevel(saved_level)
-        client.close()
+        if client is not None:
+            client.close()
+        if feed is not None:
+            feed.close()
 
 
 def _encoded(rank: int, exc: BaseException) -> str:
@@ -312,5 +378,5 @@ def report_progress(**fields: Any) -> None:
     """
     active = _active
     if active is not None:
-        client, rank = active
-        client.send({"t": "progress", "rank": rank, **fields})
+        route, rank = active
+        route.send({"t": "progress", "rank": rank, **fields})

@@ -72,6 +72,7 @@ from sparkdl.data.shard_jobs import (
     write_partition,
 )
 from sparkdl.errors import ConfigError, DataError
+from sparkdl.session import spark_side
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -280,7 +281,7 @@ def _scan(pieces: DataFrame, layout: Layout) -> _Scan:
     from pyspark.sql import functions as F
 
     summaries = pieces.filter(F.col("key") < 0).drop("key", "start", "payload")
-    pieces.sparkSession.sparkContext.setJobDescription("sparkdl materialize: scan and route")
+    spark_side(pieces.sparkSession).describe("sparkdl materialize: scan and route")
     rows = sorted(summaries.collect(), key=lambda r: r["partition"])
     stats: dict[str, dict[str, Any]] = {
         c: {"nulls": 0, "nonfinite": 0, "lengths": set()} for c in layout.columns
@@ -404,10 +405,11 @@ def _write_shards(
     by_shard = by_shard.sortWithinPartitions(KEY, ROW)
     write = write_partition(uri, n, rg_rows, params.replicas, params.label_col, keys)
     spark = pieces.sparkSession
-    spark.sparkContext.setJobDescription("sparkdl materialize: write shards")
+    side = spark_side(spark)
+    side.describe("sparkdl materialize: write shards")
     with _pieces_per_batch(spark, max(1, _WRITE_BATCH_BYTES // max(1, scan.piece_bytes))):
         rows = by_shard.mapInArrow(write, _spark_schema(RECORDS_SCHEMA)).collect()
-    spark.sparkContext.setJobDescription(None)  # type: ignore[arg-type]
+    side.describe(None)
     return [json.loads(r[0]) for r in rows]
 
 

@@ -16,6 +16,7 @@ from sparkdl.errors import ConfigError
 
 if TYPE_CHECKING:
     from sparkdl.launch.rendezvous import LaunchOptions
+    from sparkdl.session import SparkSide
 
 __all__ = [
     "ALLOW_UNENCRYPTED_CONF",
@@ -26,7 +27,6 @@ __all__ = [
     "check_gpu_conf",
     "check_launch",
     "check_slots",
-    "task_slots",
 ]
 
 log = logging.getLogger("sparkdl")
@@ -37,19 +37,25 @@ _POLL_S = 0.1
 
 
 def check_launch(
-    sc: Any, options: LaunchOptions, *, timeout_s: float, allow_unencrypted: bool = False
+    side: SparkSide, options: LaunchOptions, *, timeout_s: float, allow_unencrypted: bool = False
 ) -> str | None:
     """Every check that must pass before a task starts; each failure is a ConfigError. Returns
-    the security warning to log once per launch when encryption is on and explicitly waived."""
-    conf = sc.getConf()
+    the security warning to log once per launch when encryption is on and explicitly waived.
+
+    ``side`` is :func:`sparkdl.session.spark_side` of the session: the cluster's settings are
+    read through it (``spark.conf`` on Spark Connect, which says so when it hides one)."""
     warning = check_security(
-        {key: conf.get(key, None) for key in (*SECURITY_CONFS, ALLOW_UNENCRYPTED_CONF)},
+        {key: side.conf(key) for key in (*SECURITY_CONFS, ALLOW_UNENCRYPTED_CONF)},
         allow_unencrypted=allow_unencrypted,
     )
+    conf = {key: side.conf(key) for key in _LAUNCH_CONFS}
     check_dynamic_allocation(conf)
-    check_gpu_conf(conf, options.use_gpu, master=sc.master)
-    check_slots(sc, options.num_workers, wait_s=timeout_s)
+    check_gpu_conf(conf, options.use_gpu, master=side.master)
+    check_slots(side, options.num_workers, wait_s=timeout_s)
     return warning
+
+
+_LAUNCH_CONFS = ("spark.dynamicAllocation.enabled", "spark.task.resource.gpu.amount")
 
 
 SECURITY_CONFS = {
@@ -139,48 +145,24 @@ def check_gpu_conf(conf: Any, use_gpu: bool, master: str = "") -> None:
         )
 
 
-def task_slots(sc: Any) -> int | None:
-    """Tasks Spark can run at once for the default resource profile; None if unknown.
-
-    Uses the internal ``SparkContext.maxNumConcurrentTasks`` (with a ResourceProfile since Spark
-    3.1, without before).
-    """
-    try:
-        jsc = sc._jsc.sc()
-    except Exception:
-        return None
-    try:
-        profile = jsc.resourceProfileManager().defaultResourceProfile()
-        return int(jsc.maxNumConcurrentTasks(profile))
-    except Exception:
-        try:
-            return int(jsc.maxNumConcurrentTasks())
-        except Exception:
-            return None
-
-
-def _static_slot_limit(sc: Any) -> int | None:
-    """Slot ceiling known from the master URL alone: local[N] and local-cluster[N,C,M]."""
-    master = sc.master or ""
-    try:
-        cpus = max(1, int(float(sc.getConf().get("spark.task.cpus", "1") or 1)))
-    except ValueError:
-        cpus = 1
-    cluster = re.fullmatch(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]", master)
+def _static_slot_limit(side: SparkSide) -> int | None:
+    """Slot ceiling known from the master URL alone: local-cluster[N,C,M]."""
+    cluster = re.fullmatch(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]", side.master)
     if cluster:
-        return int(cluster.group(1)) * (int(cluster.group(2)) // cpus)
+        return int(cluster.group(1)) * (int(cluster.group(2)) // side.task_cpus())
     return None
 
 
-def check_slots(sc: Any, num_workers: int, *, wait_s: float) -> None:
+def check_slots(side: SparkSide, num_workers: int, *, wait_s: float) -> None:
     """num_workers must fit in the task slots available at once, or Spark waits for minutes.
 
     In local mode the count is final; in cluster modes executors may still be registering, so
     wait up to ``wait_s`` for enough slots. If the count cannot be read, warn and go on.
     """
-    is_local = (sc.master or "").startswith("local") and not sc.master.startswith("local-cluster")
-    ceiling = _static_slot_limit(sc)
-    slots = task_slots(sc)
+    master = side.master
+    is_local = master.startswith("local") and not master.startswith("local-cluster")
+    ceiling = _static_slot_limit(side)
+    slots = side.task_slots()
     # A master whose size is known (local-cluster) will get its executors: wait the whole
     # launch timeout for them on a busy machine; elsewhere give up sooner and say why.
     if ceiling is None:
@@ -194,14 +176,23 @@ def check_slots(sc: Any, num_workers: int, *, wait_s: float) -> None:
         and time.monotonic() < deadline
     ):
         time.sleep(_POLL_S)
-        slots = task_slots(sc)
+        slots = side.task_slots()
     if slots is None:
-        log.warning("cannot read Spark's task slots; launching %d workers unchecked", num_workers)
+        if side.kind == "connect":
+            log.info(
+                "sparkdl: Spark Connect does not show the cluster's task slots; launching %d "
+                "workers unchecked (the launch timeout bounds the wait for them)",
+                num_workers,
+            )
+        else:
+            log.warning(
+                "cannot read Spark's task slots; launching %d workers unchecked", num_workers
+            )
         return
     if slots < num_workers:
         raise ConfigError(
             f"num_workers must be at most the task slots Spark can give at once, got "
-            f"{num_workers} with {slots} slot(s) on master {sc.master}. Lower num_workers, or "
+            f"{num_workers} with {slots} slot(s) on master {master}. Lower num_workers, or "
             "give the application more executors or cores (spark.executor.instances, "
             "spark.executor.cores, spark.task.cpus, spark.task.resource.gpu.amount)."
         )

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from typing import Any
 
+from sparkdl import storage
 from sparkdl._checks import expect_int
+from sparkdl.channel.feed import FeedPoller
 from sparkdl.channel.server import ChannelServer
 from sparkdl.errors import (
     ConfigError,
@@ -31,7 +31,8 @@ from sparkdl.errors import (
 )
 from sparkdl.launch.checks import check_launch
 from sparkdl.launch.progress import RunMonitor
-from sparkdl.launch.rendezvous import LaunchOptions, barrier_task
+from sparkdl.launch.rendezvous import BARRIER_SCHEMA, LaunchOptions, arrow_barrier_task
+from sparkdl.session import SparkSide, spark_side
 
 __all__ = [
     "Distributor",
@@ -125,7 +126,7 @@ class Distributor:
             collective_timeout_s=self.collective_timeout_s,
         )
         check_launch(
-            _spark_context(self.spark),
+            spark_side(self.spark),
             options,
             timeout_s=self.timeout_s,
             allow_unencrypted=self.allow_unencrypted,
@@ -150,15 +151,20 @@ class Distributor:
         extra: dict[str, Any] | None = None,
         name: str | None = None,
         monitor: RunMonitor | None = None,
+        feed_dir: str | None = None,
     ) -> list[Any]:
         """Like :meth:`run`, with the launch details a trainer passes: attempt, extra values for
-        WorkerEnv.extra, ``name`` for the Spark job description, and the ``monitor`` that shows
-        what the workers send (default: their log lines, prefixed ``[rank N]``). The launch owns
-        the monitor: it is started before the workers and closed after them."""
+        WorkerEnv.extra, ``name`` for the Spark job description, the ``monitor`` that shows
+        what the workers send (default: their log lines, prefixed ``[rank N]``), and
+        ``feed_dir``, a directory on storage the workers and the driver share (a run
+        directory's ``logs/feed``): workers that cannot reach the driver channel report there
+        instead (``feed_dir/attempt-N``; see :mod:`sparkdl.channel.feed`), and the driver
+        polls it. The launch owns the monitor: it is started before the workers and closed
+        after them."""
         from pyspark import cloudpickle
 
         payload = _pickle_payload(cloudpickle, fn, args, kwargs or {})
-        sc = None if self.local_mode else _spark_context(self.spark)
+        side = None if self.local_mode else spark_side(self.spark)
         options = LaunchOptions(
             num_workers=self.num_workers,
             use_gpu=self.use_gpu,
@@ -167,32 +173,68 @@ class Distributor:
             attempt=attempt,
             extra=dict(extra or {}),
         )
-        if sc is not None:
+        if side is not None:
             warning = check_launch(
-                sc, options, timeout_s=self.timeout_s, allow_unencrypted=self.allow_unencrypted
+                side, options, timeout_s=self.timeout_s, allow_unencrypted=self.allow_unencrypted
             )
             if warning:
                 log.warning("%s", warning)
-            options = _with_task_cpus(options, sc)
+            options = replace(options, task_cpus=side.task_cpus())
+        if feed_dir:
+            options = replace(options, feed_dir=storage.join(feed_dir, f"attempt-{attempt}"))
         monitor = (monitor or RunMonitor(progress=True)).start()
+        poller = None
         try:
-            with _open_channel(self.channel, _driver_host(sc), monitor) as server:
+            host = side.driver_host() if side is not None else LOOPBACK
+            with _open_channel(self.channel, host, monitor) as server:
                 if server is not None:
                     options = replace(options, run_token=server.token, channel_addr=server.address)
-                if sc is None:
+                if options.feed_dir:
+                    poller = _poll_feed(options, monitor)
+                if side is None:
                     from sparkdl.launch.local import run_local
 
                     pickled = run_local(payload, options, self.timeout_s)
                 else:
                     name = name or _run_name(fn, self.num_workers)
+                    started = monitor.started_count if server or poller else None
                     pickled = launch_barrier(
-                        sc, payload, options, name=name, timeout_s=self.timeout_s
+                        side,
+                        payload,
+                        options,
+                        name=name,
+                        timeout_s=self.timeout_s,
+                        started=started,
                     )
         except WorkerGroupError as exc:
-            raise with_reported_failures(exc, monitor.failures) from None
+            raise with_reported_failures(exc, _closed(poller, monitor).failures) from None
         finally:
-            monitor.close()
+            _closed(poller, monitor).close()
         return [cloudpickle.loads(value) for value in pickled]
+
+
+def _poll_feed(options: LaunchOptions, monitor: RunMonitor) -> FeedPoller:
+    """(driver) Poll the launch's run-directory feed into ``monitor``; the first frame found
+    there (a worker could not reach the channel) is logged once."""
+
+    def first(rank: int) -> None:
+        log.info(
+            "sparkdl: rank %d reports through the run directory (%s): the workers cannot "
+            "reach the driver channel%s",
+            rank,
+            options.feed_dir,
+            f" at {options.channel_addr}" if options.channel_addr else "",
+        )
+
+    return FeedPoller(options.feed_dir, monitor.handle, on_first=first).start()
+
+
+def _closed(poller: FeedPoller | None, monitor: RunMonitor) -> RunMonitor:
+    """``monitor`` after the poller's last read (the workers' final frames); idempotent."""
+    if poller is not None and not getattr(poller, "closed", False):
+        poller.close()
+        poller.closed = True  # type: ignore[attr-defined]
+    return monitor
 
 
 @contextmanager
@@ -215,16 +257,6 @@ def _open_channel(enabled: bool, host: str, monitor: RunMonitor) -> Iterator[Cha
             server.close()
 
 
-def _driver_host(sc: Any) -> str:
-    """The address executors reach the driver at (spark.driver.host); loopback without Spark."""
-    if sc is None:
-        return LOOPBACK
-    try:
-        return str(sc.getConf().get("spark.driver.host") or "") or socket.gethostname()
-    except Exception:
-        return socket.gethostname()
-
-
 def _run_name(fn: Callable, num_workers: int) -> str:
     """What the Spark UI shows for the run's job, e.g. ``sparkdl: train (2 workers)``."""
     label = getattr(fn, "__name__", type(fn).__name__)
@@ -243,29 +275,6 @@ def _pickle_payload(cloudpickle: Any, fn: Callable, args: tuple, kwargs: dict) -
         ) from exc
 
 
-def _spark_context(spark: Any) -> Any:
-    """The SparkContext of ``spark``, or of the active (else a new) SparkSession."""
-    if spark is None:
-        from pyspark.sql import SparkSession
-
-        spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
-    try:
-        return spark.sparkContext
-    except Exception as exc:  # Spark Connect sessions have no SparkContext
-        raise ConfigError(
-            f"spark must be a classic SparkSession with a SparkContext, got {type(spark).__name__} "
-            f"({exc}). Barrier stages need a classic session; use local_mode=True otherwise."
-        ) from exc
-
-
-def _with_task_cpus(options: LaunchOptions, sc: Any) -> LaunchOptions:
-    try:
-        cpus = int(float(sc.getConf().get("spark.task.cpus", "1") or 1))
-    except ValueError:
-        cpus = 1
-    return replace(options, task_cpus=max(1, cpus))
-
-
 # ---------------------------------------------------------------- the barrier stage
 
 
@@ -275,35 +284,41 @@ def job_description(run: str, phase: str, detail: str = "") -> str:
 
 
 @contextmanager
-def spark_job_phase(sc: Any, description: str) -> Iterator[str]:
-    """(driver) Spark jobs started inside belong to a fresh job group named after
-    ``description`` (the Spark UI's job group and description columns); the previous group
-    and description come back after. Yields the group id, e.g. to cancel the group."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", description).strip("-")[:80]
-    group = f"{slug or 'sparkdl'}-{uuid.uuid4().hex[:8]}"
-    saved = {key: sc.getLocalProperty(key) for key in _JOB_PROPERTIES}
-    sc.setJobGroup(group, description, interruptOnCancel=True)
-    try:
-        yield group
-    finally:
-        for key, value in saved.items():
-            sc.setLocalProperty(key, value)
+def spark_job_phase(spark: Any, description: str) -> Iterator[str]:
+    """(driver) Spark jobs started inside carry a fresh job group (classic) or job tag (Spark
+    Connect) named after ``description``, shown in the Spark UI; yields it, e.g. to cancel.
+    A classic session's previous group and description come back after."""
+    with spark_side(spark).job_phase(description) as handle:
+        yield handle
 
 
 def launch_barrier(
-    sc: Any, payload: bytes, options: LaunchOptions, *, name: str, timeout_s: float
+    side: SparkSide,
+    payload: bytes,
+    options: LaunchOptions,
+    *,
+    name: str,
+    timeout_s: float,
+    started: Callable[[], int] | None = None,
 ) -> list[bytes]:
     """Run one barrier stage of ``options.num_workers`` tasks; pickled values in rank order.
 
-    ``name`` is the Spark job description (see :func:`job_description`).
+    The stage is ``mapInArrow(..., barrier=True)`` over a frame of one row per task, so the
+    same code runs on classic and Spark Connect sessions. ``name`` is the Spark job
+    description or tag (see :func:`job_description`). The stage is cancelled when its tasks
+    have not all started within ``timeout_s``: counted by the status tracker (classic), else
+    by ``started()``, the ranks that reported in (Connect); with neither, nothing can tell,
+    which is logged.
     """
     n = options.num_workers
-    with spark_job_phase(sc, name) as group, _quiet_task_failure_logs(sc):
-        watch = _StartWatch(sc, group, n, timeout_s)
+    with side.job_phase(name) as handle, side.quiet_task_failure_logs():
+        watch = _StartWatch(side, handle, n, timeout_s, started)
         watch.start()
         try:
-            rdd = sc.parallelize(range(n), n).barrier()
-            rows = rdd.mapPartitions(partial(barrier_task, options, payload)).collect()
+            frame = side.spark.range(0, n, 1, n).mapInArrow(
+                partial(arrow_barrier_task, options, payload), BARRIER_SCHEMA, barrier=True
+            )
+            rows = frame.collect()
         except Exception as exc:
             if watch.timed_out:
                 raise RendezvousError(
@@ -314,19 +329,24 @@ def launch_barrier(
             raise worker_group_error(exc) from None
         finally:
             watch.stop()
-    values = dict(rows)
+    values = {int(row["rank"]): bytes(row["value"]) for row in rows}
     return [values[r] for r in range(n)]
 
 
-_JOB_PROPERTIES = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")
-
-
 class _StartWatch(threading.Thread):
-    """Cancels the job group if its tasks have not all started within the launch timeout."""
+    """Cancels the stage if its tasks have not all started within the launch timeout."""
 
-    def __init__(self, sc: Any, group: str, num_tasks: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        side: SparkSide,
+        handle: str,
+        num_tasks: int,
+        timeout_s: float,
+        started: Callable[[], int] | None,
+    ) -> None:
         super().__init__(name="sparkdl-start-watch", daemon=True)
-        self.sc, self.group, self.num_tasks = sc, group, num_tasks
+        self.side, self.handle, self.num_tasks = side, handle, num_tasks
+        self.started = started
         self.deadline = time.monotonic() + timeout_s
         self.timed_out = False
         self._done = threading.Event()
@@ -338,30 +358,31 @@ class _StartWatch(threading.Thread):
     def run(self) -> None:
         try:
             while not self._done.wait(_POLL_S):
-                if self._all_started():
+                all_started = self._all_started()
+                if all_started is None:
+                    log.info(
+                        "sparkdl: neither Spark Connect nor the workers can show whether the "
+                        "%d tasks started (no driver channel, no run-directory feed); the "
+                        "launch timeout cannot cancel a stage that waits for slots",
+                        self.num_tasks,
+                    )
+                    return
+                if all_started:
                     return
                 if time.monotonic() > self.deadline:
                     self.timed_out = True
-                    self.sc.cancelJobGroup(self.group)
+                    self.side.cancel(self.handle)
                     return
         except Exception as exc:  # the watch is a guard, never a cause of failure
             log.debug("start watch stopped: %s", exc)
 
-    def _all_started(self) -> bool:
-        tracker = self.sc.statusTracker()
-        for job_id in tracker.getJobIdsForGroup(self.group):
-            job = tracker.getJobInfo(job_id)
-            if job is None:
-                continue
-            if job.status != "RUNNING":
-                return True
-            for stage_id in job.stageIds:
-                stage = tracker.getStageInfo(stage_id)
-                if stage is not None:
-                    started = stage.numActiveTasks + stage.numCompletedTasks + stage.numFailedTasks
-                    if started >= self.num_tasks:
-                        return True
-        return False
+    def _all_started(self) -> bool | None:
+        counts = self.side.tasks(self.handle)
+        if counts is not None:
+            return counts[0] >= self.num_tasks
+        if self.started is not None:
+            return self.started() >= self.num_tasks
+        return None
 
 
 # ---------------------------------------------------------------- failure mapping
@@ -372,38 +393,6 @@ _LOST_TASK_RES = (
     # "barrier task ResultTask(0, 1) finished unsuccessfully.\n<reason>"
     re.compile(r"barrier task \w*Task\(\d+, (\d+)\) finished unsuccessfully\.?\s*\n?([^\n]*)"),
 )
-
-
-_TASK_FAILURE_LOGGERS = (
-    "org.apache.spark.executor.Executor",
-    "org.apache.spark.scheduler.TaskSetManager",
-)
-"""The JVM loggers that print a failed task's Python traceback and Java stack (twice) on the
-driver's console; sparkdl's WorkerGroupError says the same, once and readably."""
-
-
-@contextmanager
-def _quiet_task_failure_logs(sc: Any) -> Iterator[None]:
-    """(driver) Silence those loggers while a barrier stage runs (classic sessions with log4j2;
-    elsewhere a no-op), then put their levels back."""
-    saved: dict[str, Any] = {}
-    try:
-        jvm = sc._jvm
-        configurator = jvm.org.apache.logging.log4j.core.config.Configurator
-        manager = jvm.org.apache.logging.log4j.LogManager
-        for name in _TASK_FAILURE_LOGGERS:
-            saved[name] = manager.getLogger(name).getLevel()
-            configurator.setLevel(name, jvm.org.apache.logging.log4j.Level.OFF)
-    except Exception as exc:  # no JVM access (Connect) or another logging backend
-        log.debug("sparkdl: cannot quiet Spark's task-failure logs (%s)", exc)
-    try:
-        yield
-    finally:
-        for name, level in saved.items():
-            try:
-                configurator.setLevel(name, level)
-            except Exception as exc:
-                log.debug("sparkdl: cannot restore the level of %s (%s)", name, exc)
 
 
 def with_reported_failures(

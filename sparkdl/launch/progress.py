@@ -108,6 +108,8 @@ class RunMonitor:
         self._files: dict[int, TextIO] = {}
         self.failures: list[RankFailure] = []
         """Each failing rank's own report (the launcher adds those Spark did not report)."""
+        self.started: set[int] = set()
+        """The ranks that reported in (their ``started`` frame)."""
         self._local_logs = storage.local_path(log_dir) if log_dir else None
         self._remote_lines: dict[int, collections.deque[str]] = {}
         self._bar: Any = None
@@ -130,12 +132,18 @@ class RunMonitor:
         if not isinstance(rank, int) or not 0 <= rank < _MAX_RANK:
             return
         with self._lock:
-            if kind == "failure":
+            if kind == "started":
+                self.started.add(rank)
+            elif kind == "failure":
                 self.failures.extend(RankFailure.decode_all(str(frame.get("failure", ""))))
             elif kind == "log":
                 self._log_line(rank, frame)
             elif kind == "progress" and self.progress:
                 self._progress(frame)
+
+    def started_count(self) -> int:
+        """How many ranks have reported in so far (the launcher's start watch on Connect)."""
+        return len(self.started)
 
     def _log_line(self, rank: int, frame: dict[str, Any]) -> None:
         level = frame.get("level", logging.INFO)
@@ -265,19 +273,21 @@ def _console_loggers() -> list[logging.Logger]:
 
 
 class SparkPhaseProgress:
-    """(driver) Progress of the Spark jobs of one job group (e.g. materialize's), shown like
+    """(driver) Progress of the Spark jobs of one phase (e.g. materialize's), shown like
     training's: a tqdm bar of tasks done when interactive, else a ``sparkdl.progress`` line at
-    most every ``log_interval_s`` and when the phase ends. Reads the SparkContext's status
-    tracker from a daemon thread once a second; nothing it does can fail the phase.
+    most every ``log_interval_s`` and when the phase ends. Reads the task counts of the job
+    group ``handle`` through ``side`` (:class:`sparkdl.session.SparkSide`) from a daemon thread
+    once a second; Spark Connect shows none, so there one line says the phase started and one
+    that it ended. Nothing it does can fail the phase.
 
-    Use as a context manager around the phase: ``with SparkPhaseProgress(sc, group, "digits:
-    materialize"): ...``.
+    Use as a context manager around the phase: ``with SparkPhaseProgress(side, handle,
+    "digits: materialize"): ...``.
     """
 
     def __init__(
         self,
-        sc: Any,
-        group: str,
+        side: Any,
+        handle: str,
         label: str,
         *,
         enabled: bool = True,
@@ -285,7 +295,7 @@ class SparkPhaseProgress:
         log_interval_s: float = 10.0,
         poll_s: float = 1.0,
     ) -> None:
-        self.sc, self.group, self.label = sc, group, label
+        self.side, self.handle, self.label = side, handle, label
         self.enabled = enabled
         self.interactive = is_interactive() if interactive is None else bool(interactive)
         self.log_interval_s, self.poll_s = log_interval_s, poll_s
@@ -295,10 +305,14 @@ class SparkPhaseProgress:
         self._last_line = 0.0
         self._shown: tuple[int, int] = (0, 0)
         self._restore: list[tuple[logging.Logger, logging.Handler, int]] = []
+        self._started = 0.0
 
     def __enter__(self) -> SparkPhaseProgress:
         if self.enabled:
             self._restore = _show_on_stderr()
+            self._started = time.monotonic()
+            if self.side.tasks(self.handle) is None:
+                progress_log.info("%s: running (Spark Connect shows no task progress)", self.label)
             self._thread = threading.Thread(target=self._run, name="sparkdl-phase", daemon=True)
             self._thread.start()
         return self
@@ -309,23 +323,19 @@ class SparkPhaseProgress:
         self._stop.set()
         self._thread.join(timeout=5)
         with contextlib.suppress(Exception):
+            if self.side.tasks(self.handle) is None and exc[0] is None:
+                progress_log.info(
+                    "%s: done in %.1f s", self.label, time.monotonic() - self._started
+                )
             self._show(final=exc[0] is None)
             if self._bar is not None:
                 self._bar.close()
         _restore(self._restore)
 
     def tasks(self) -> tuple[int, int]:
-        """(tasks done, tasks known) over the group's jobs so far."""
-        tracker = self.sc.statusTracker()
-        done = total = 0
-        for job_id in tracker.getJobIdsForGroup(self.group):
-            job = tracker.getJobInfo(job_id)
-            for stage_id in job.stageIds if job is not None else ():
-                stage = tracker.getStageInfo(stage_id)
-                if stage is not None:
-                    done += stage.numCompletedTasks
-                    total += stage.numTasks
-        return done, total
+        """(tasks done, tasks known) over the phase's jobs so far; (0, 0) when not visible."""
+        counts = self.side.tasks(self.handle)
+        return (0, 0) if counts is None else (counts[1], counts[2])
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):

@@ -25,8 +25,10 @@ if TYPE_CHECKING:
     from sparkdl.context import WorkerEnv
 
 __all__ = [
+    "BARRIER_SCHEMA",
     "LaunchOptions",
     "RankOutcome",
+    "arrow_barrier_task",
     "barrier_task",
     "build_worker_env",
     "build_local_env",
@@ -62,6 +64,8 @@ class LaunchOptions:
     """Per-run token for the driver's channel (empty: none)."""
     channel_addr: str = ""
     """host:port of the driver's channel (empty: none)."""
+    feed_dir: str = ""
+    """The run-directory feed for workers that cannot reach the channel (empty: none)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form values passed through to WorkerEnv.extra."""
 
@@ -136,6 +140,7 @@ def build_worker_env(
         attempt=options.attempt,
         run_token=options.run_token,
         channel_addr=options.channel_addr,
+        feed_dir=options.feed_dir,
         extra={**options.extra, "local_world_size": len(same_host)},
     )
 
@@ -297,6 +302,27 @@ def barrier_task(options: LaunchOptions, payload: bytes, _rows: Iterator[Any]) -
     if outcome.failure is not None:
         raise RuntimeError(outcome.failure.encode())
     yield (rank, outcome.value)
+
+
+BARRIER_SCHEMA = "rank int, value binary"
+"""The rows of the barrier stage: one per rank, its pickled return value."""
+
+
+def arrow_barrier_task(
+    options: LaunchOptions, payload: bytes, batches: Iterator[Any]
+) -> Iterator[Any]:
+    """Body of each task of the ``mapInArrow(..., barrier=True)`` stage (classic and Spark
+    Connect sessions alike): :func:`barrier_task` with its one row as an Arrow record batch of
+    :data:`BARRIER_SCHEMA`."""
+    import pyarrow as pa
+
+    for _ in batches:  # the input is one row per task, read only to drain the stream
+        pass
+    for rank, value in barrier_task(options, payload, iter(())):
+        yield pa.RecordBatch.from_arrays(
+            [pa.array([rank], pa.int32()), pa.array([value], pa.binary())],
+            names=["rank", "value"],
+        )
 
 
 def local_process_main(

@@ -46,12 +46,14 @@ def run_with_restarts(
     make_monitor: Callable[[], Any] | None = None,
     on_failure: Callable[[int, WorkerGroupError], None] | None = None,
     name: str | None = None,
+    feed_dir: str | None = None,
 ) -> tuple[list[Any], int]:
     """(driver) ``distributor.launch(fn, args)`` until it succeeds or restarts run out.
 
     Returns the ranks' results and the attempt that produced them. ``on_failure(attempt,
     error)`` is called for every failed attempt (e.g. to record it in run.json);
-    ``make_monitor()`` gives each attempt a fresh driver-side monitor (the launch owns it).
+    ``make_monitor()`` gives each attempt a fresh driver-side monitor (the launch owns it);
+    ``feed_dir`` is the run directory's feed, for workers that cannot reach the driver channel.
     """
     expect_int("max_restarts", max_restarts, "Use 0 to never restart", low=0)
     previous: frozenset | None = None
@@ -65,7 +67,9 @@ def run_with_restarts(
             _wait_for_slots(distributor)
         try:
             monitor = make_monitor() if make_monitor is not None else None
-            results = distributor.launch(fn, args, {}, attempt=attempt, name=name, monitor=monitor)
+            results = distributor.launch(
+                fn, args, {}, attempt=attempt, name=name, monitor=monitor, feed_dir=feed_dir
+            )
             return results, attempt
         except WorkerGroupError as exc:
             error = promote(exc)
@@ -103,7 +107,8 @@ def _wait_for_slots(distributor: Any) -> None:
     if getattr(distributor, "local_mode", True):
         return
     from sparkdl.launch.checks import check_slots
-    from sparkdl.launch.launcher import _spark_context
+    from sparkdl.session import spark_side
 
-    sc = _spark_context(distributor.spark)
-    check_slots(sc, distributor.num_workers, wait_s=distributor.timeout_s)
+    check_slots(
+        spark_side(distributor.spark), distributor.num_workers, wait_s=distributor.timeout_s
+    )

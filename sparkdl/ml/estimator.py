@@ -39,12 +39,13 @@ from sparkdl.data.bad_input import check_on_invalid, read_input
 from sparkdl.data.input_specs import check_feature_cols, input_columns, is_named, specs_to_json
 from sparkdl.data.manifest import MANIFEST_NAME
 from sparkdl.errors import ConfigError, DataError
-from sparkdl.launch.launcher import job_description, spark_job_phase
+from sparkdl.launch.launcher import job_description
 from sparkdl.launch.progress import RunMonitor, SparkPhaseProgress
 from sparkdl.ml.model import OUTPUT_PARAMS, TorchModel, check_output_params
 from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_dict, as_list, with_params
 from sparkdl.ml.persistence import ParamsPersistence
 from sparkdl.rundir.model_dir import load_module, write_model_json
+from sparkdl.session import spark_side
 from sparkdl.train.components import is_classification
 
 if TYPE_CHECKING:
@@ -398,10 +399,11 @@ class TorchEstimator(
         run_name = run.layout.name
         try:
             phase = job_description(run_name, "materialize")
+            side = spark_side(spark)
             with (
-                spark_job_phase(spark.sparkContext, phase) as group,
+                side.job_phase(phase) as group,
                 SparkPhaseProgress(
-                    spark.sparkContext,
+                    side,
                     group,
                     f"{run_name}: materialize",
                     enabled=self.get("progress"),
@@ -440,6 +442,7 @@ class TorchEstimator(
                 make_monitor=lambda: RunMonitor(
                     log_dir=run.layout.logs_dir, progress=self.get("progress"), name=run_name
                 ),
+                feed_dir=run.layout.feed_dir,
             )
             run.record_attempt(attempt, None)
             timings["train_s"] = time.perf_counter() - launched

@@ -1,7 +1,10 @@
 """[driver/executor] Batched inference: a DataFrame in, ``prediction`` (and ``probability``) out.
 
-The module travels once per (model, SparkContext) as a broadcast of its cloudpickled bytes and
-is unpickled once per Python worker (a small cache keyed by a token made on the driver). Only
+The module travels once per (model, session) as its cloudpickled bytes and is unpickled once per
+Python worker (a small cache keyed by a token made on the driver): as a broadcast on a classic
+session; on Spark Connect (no broadcasts) inside the UDF's pickled closure up to
+:data:`INLINE_MAX_BYTES`, above that through a file in the run directory
+(``RunLayout.shipped_dir``) that each Python worker reads once. Only
 the feature columns go to Python, as Arrow arrays through an iterator ``arrow_udf`` (Spark ≥
 4.1): scalar columns cast to float, arrays to array<float>, ML vectors through
 ``vector_to_array``; the other columns never leave the JVM. Each Arrow batch (``spark.sql.
@@ -15,6 +18,7 @@ visible CUDA device when there is one, else the CPU with ``torch`` threads = the
 
 from __future__ import annotations
 
+import logging
 import pickle
 import uuid
 from collections import OrderedDict
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEVICES",
+    "INLINE_MAX_BYTES",
     "ShippedModule",
     "features_from_arrays",
     "predict_dataframe",
@@ -46,24 +51,71 @@ __all__ = [
 DEVICES = ("auto", "cpu", "cuda")
 USE_ARROW_UDF: bool | None = None
 """None: the iterator ``arrow_udf`` where pyspark has it (≥ 4.1), else ``mapInArrow``."""
+log = logging.getLogger("sparkdl")
 _CACHE: OrderedDict[tuple[str, str], Any] = OrderedDict()
 _CACHE_SIZE = 4  # models per Python worker (a pipeline may hold several)
 
 
+INLINE_MAX_BYTES = 64 << 20
+"""On Spark Connect, modules up to this many pickled bytes travel inside the UDF (the plan the
+client sends; Connect's default message limit is 128 MiB); larger ones through a file. See
+BENCHMARKS.md (Inference on Spark Connect) for the measurement behind it."""
+
+
 @dataclass(frozen=True)
 class ShippedModule:
-    """A module broadcast to the executors; ``key`` names it in the executors' cache."""
+    """A module on its way to the executors; ``key`` names it in the executors' cache.
+
+    Exactly one of: ``broadcast`` (classic), ``payload`` (the bytes, inside the closure) or
+    ``uri`` (a file every Python worker reads once).
+    """
 
     key: str
-    broadcast: Any
+    broadcast: Any = None
+    payload: bytes | None = None
+    uri: str | None = None
+
+    def module_bytes(self) -> bytes:
+        """(executor) The cloudpickled module."""
+        if self.broadcast is not None:
+            return bytes(self.broadcast.value)
+        if self.payload is not None:
+            return self.payload
+        from sparkdl import storage
+
+        return storage.read_file(str(self.uri))
 
 
-def ship_module(spark: SparkSession, module: Any) -> ShippedModule:
-    """(driver) Broadcast ``module``'s cloudpickled bytes once; executors unpickle it once each."""
+def ship_module(spark: SparkSession, module: Any, *, spill_dir: str | None = None) -> ShippedModule:
+    """(driver) Ship ``module``'s cloudpickled bytes once; executors unpickle it once each.
+
+    Classic session: a broadcast. Spark Connect: inline up to :data:`INLINE_MAX_BYTES`, else a
+    file under ``spill_dir`` (shared storage, e.g. the run directory's ``shipped/``); without
+    one, inline whatever the size (logged: a plan over Connect's message limit fails).
+    """
     from pyspark import cloudpickle  # handles modules defined in notebooks and __main__
 
+    from sparkdl.session import is_connect
+
+    key = uuid.uuid4().hex
     payload = cloudpickle.dumps(module.cpu().eval())
-    return ShippedModule(uuid.uuid4().hex, spark.sparkContext.broadcast(payload))
+    if not is_connect(spark):
+        return ShippedModule(key, broadcast=spark.sparkContext.broadcast(payload))
+    if len(payload) <= INLINE_MAX_BYTES:
+        return ShippedModule(key, payload=payload)
+    if spill_dir:
+        from sparkdl import storage
+
+        uri = storage.join(spill_dir, f"{key}.pkl")
+        storage.write_file(uri, payload)
+        return ShippedModule(key, uri=uri)
+    log.warning(
+        "sparkdl: the module is %.0f MiB pickled and the model has no run directory to ship it "
+        "through; it goes inside the Spark Connect plan (over the server's message limit, "
+        "spark.connect.grpc.maxInboundMessageSize, the transform fails)",
+        len(payload) / 2**20,
+    )
+    return ShippedModule(key, payload=payload)
 
 
 # --- executor side -----------------------------------------------------------------------------
@@ -100,7 +152,7 @@ def _cached_module(shipped: ShippedModule, device: Any) -> Any:
     key = (shipped.key, str(device))
     module = _CACHE.get(key)
     if module is None:
-        module = pickle.loads(shipped.broadcast.value).to(device).eval()  # noqa: S301 - ours
+        module = pickle.loads(shipped.module_bytes()).to(device).eval()  # noqa: S301 - ours
         _CACHE[key] = module
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)

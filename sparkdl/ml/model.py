@@ -25,7 +25,9 @@ from sparkdl.errors import ConfigError
 from sparkdl.ml.inference import DEVICES, ShippedModule, predict_dataframe, ship_module
 from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_list, with_params
 from sparkdl.ml.persistence import ParamsPersistence, untrusted_error
+from sparkdl.rundir.layout import RunLayout
 from sparkdl.rundir.model_dir import META_FILE, module_from_bytes, write_model_dir
+from sparkdl.session import is_connect
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -179,9 +181,11 @@ class TorchModel(TableParams, Model, ParamsPersistence, MLWritable, MLReadable["
         if self._module is None:
             raise ConfigError("module must be set to transform, got None. Pass the torch module")
         spark = dataset.sparkSession
-        context = spark.sparkContext
-        if self._shipped is None or self._shipped[0] is not context:
-            self._shipped = (context, ship_module(spark, self._module))
+        # a broadcast belongs to its SparkContext; on Connect, the shipment to the session
+        owner = spark if is_connect(spark) else spark.sparkContext
+        if self._shipped is None or self._shipped[0] is not owner:
+            spill = RunLayout(self.run_dir).shipped_dir if self.run_dir else None
+            self._shipped = (owner, ship_module(spark, self._module, spill_dir=spill))
         return predict_dataframe(
             dataset,
             self._shipped[1],

@@ -77,6 +77,17 @@ class RunLayout:
         return self._sub("logs")
 
     @property
+    def feed_dir(self) -> str:
+        """Workers' progress and log frames when they cannot reach the driver channel
+        (``attempt-N/rank-M.json``; see :mod:`sparkdl.channel.feed`)."""
+        return self._sub("logs", "feed")
+
+    @property
+    def shipped_dir(self) -> str:
+        """Modules too large to travel inside a Spark Connect plan, for ``transform``."""
+        return self._sub("shipped")
+
+    @property
     def plots_dir(self) -> str:
         return self._sub("plots")
 

@@ -24,6 +24,7 @@ import json, sys
 from functools import partial
 from sparkdl.testing import local_spark_session
 from sparkdl.launch.checks import check_launch
+from sparkdl.session import spark_side
 from sparkdl.launch.rendezvous import LaunchOptions, rendezvous
 
 script = sys.argv[1]
@@ -37,7 +38,7 @@ spark = local_spark_session("local-cluster[1,2,1024]", conf={
 })
 sc = spark.sparkContext
 options = LaunchOptions(num_workers=2, use_gpu=True, backend="nccl")
-check_launch(sc, options, timeout_s=120)
+check_launch(spark_side(spark), options, timeout_s=120)
 
 def probe(options, _rows):
     from pyspark import BarrierTaskContext

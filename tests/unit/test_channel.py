@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -164,13 +165,14 @@ def test_forward_logs_sends_records_and_progress_then_falls_back_to_stderr(capfd
         logger.info("step %d", 1)
         report_progress(epoch=0, epochs=1, step=1, total=2)
         logging.getLogger("sparkdl.test").debug("not at INFO")
-        assert _wait_for(lambda: len(sink.frames) == 2)
+        assert _wait_for(lambda: len(sink.frames) == 3)
         server.close(grace_s=0)  # the driver's channel dies mid-run
         for i in range(200):  # keeps logging; never raises
             logger.warning("after the driver left %d", i)
         assert _wait_for(lambda: not client.healthy)
         logger.warning("plainly logged")
-    log_frame, progress_frame = sink.frames
+    started, log_frame, progress_frame = sink.frames
+    assert (started["t"], started["rank"]) == ("started", 3)  # the start watch counts these
     assert (log_frame["t"], log_frame["rank"], log_frame["msg"]) == ("log", 3, "step 1")
     assert (progress_frame["t"], progress_frame["step"], progress_frame["rank"]) == (
         "progress",
@@ -269,7 +271,7 @@ def test_spark_job_phase_names_run_and_phase_then_restores():
     sc = FakeSparkContext()
     description = job_description("digits", "train", "2 workers")
     assert description == "sparkdl digits: train (2 workers)"
-    with spark_job_phase(sc, description) as group:
+    with spark_job_phase(SimpleNamespace(sparkContext=sc), description) as group:
         assert group.startswith("sparkdl-digits-train-2-workers-")
         assert sc.props["spark.job.description"] == description
     assert sc.props["spark.jobGroup.id"] == "outer"
@@ -311,7 +313,9 @@ class _Tracker:
 
     def getStageInfo(self, stage_id):
         done = min(self.calls, 4) if stage_id == 1 else 0
-        return type("Stage", (), {"numCompletedTasks": done, "numTasks": 4})()
+        return SimpleNamespace(
+            numCompletedTasks=done, numActiveTasks=0, numFailedTasks=0, numTasks=4
+        )
 
 
 def test_spark_phase_progress_shows_tasks_done(caplog):
@@ -319,7 +323,10 @@ def test_spark_phase_progress_shows_tasks_done(caplog):
 
     caplog.set_level(logging.INFO, logger="sparkdl.progress")
     tracker = _Tracker()
-    sc = type("SC", (), {"statusTracker": lambda self: tracker})()
+    from sparkdl.session import ClassicSide
+
+    sc = SimpleNamespace(statusTracker=lambda: tracker)
+    sc = ClassicSide(SimpleNamespace(sparkContext=sc))
     with SparkPhaseProgress(sc, "g", "demo: materialize", interactive=False, poll_s=0.01) as p:
         assert _wait_for(lambda: tracker.calls >= 3)
         assert p.tasks()[1] == 8

@@ -119,7 +119,14 @@ def test_gpu_needs_a_task_gpu_amount_and_a_gpu_scheduling_master():
     check_gpu_conf({"spark.task.resource.gpu.amount": "1"}, use_gpu=True, master="spark://h:1")
 
 
-class _FakeSc:
+def _FakeSc(master, slots, conf=None):  # noqa: N802 - reads like the class it stands in for
+    """A classic session's side over just enough SparkContext for check_slots."""
+    from sparkdl.session import ClassicSide
+
+    return ClassicSide(SimpleNamespace(sparkContext=_Sc(master, slots, conf)))
+
+
+class _Sc:
     """Just enough SparkContext for check_slots: a master, a conf, maxNumConcurrentTasks."""
 
     def __init__(self, master, slots, conf=None):
