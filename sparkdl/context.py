@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from sparkdl.channel.client import forward_logs
-from sparkdl.errors import RendezvousError
+from sparkdl.errors import PeerLostError, RendezvousError
 
 __all__ = ["WorkerEnv", "WorkerContext", "get_context", "worker_group", "barrier"]
 
@@ -133,6 +133,11 @@ def _process_group(env: WorkerEnv) -> Iterator[WorkerContext]:
                 timeout=datetime.timedelta(seconds=env.timeout_s),
             )
         except Exception as exc:  # rewrap with where we tried to meet
+            if _peer_left(exc):  # a peer joined, then failed and left: its error comes first
+                raise PeerLostError(
+                    f"rank {env.rank} lost a peer while joining the process group at "
+                    f"{env.master_addr}:{env.master_port}: {exc}"
+                ) from exc
             raise RendezvousError(
                 f"rank {env.rank} could not join the process group at "
                 f"{env.master_addr}:{env.master_port} within {env.timeout_s:.0f} s: {exc}"
@@ -148,6 +153,16 @@ def _process_group(env: WorkerEnv) -> Iterator[WorkerContext]:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _peer_left(exc: BaseException) -> bool:
+    """Whether joining failed because a peer's connection closed (it joined, then left), not
+    because a peer never came (a timeout: a rendezvous problem of its own)."""
+    text = str(exc).lower()
+    return any(
+        hint in text
+        for hint in ("connection closed by peer", "connection reset by peer", "broken pipe")
+    )
 
 
 def _store(env: WorkerEnv) -> Any:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 __all__ = [
+    "connect_unavailable",
     "connect_spark_session",
     "connect_server_command",
     "local_spark_session",
@@ -88,6 +89,25 @@ def _local_conf(master: str, ui: bool) -> dict[str, str]:
         # Separate executor JVMs must find the same interpreter and package as the driver.
         conf["spark.executorEnv.PYTHONPATH"] = os.pathsep.join(sys.path)
     return conf
+
+
+def connect_unavailable() -> str | None:
+    """Why a local Spark Connect server cannot start here, or None when it can: pyspark ≥ 4
+    (the 3.5 pip wheel has no Connect server) with its ``connect`` extra installed."""
+    import pyspark
+
+    if int(pyspark.__version__.split(".")[0]) < 4:
+        return (
+            f"pyspark {pyspark.__version__}'s pip wheel has no Spark Connect server (the "
+            "compat environment); `make test` runs this tier on Spark 4"
+        )
+    try:
+        from pyspark.sql.connect.utils import check_dependencies
+
+        check_dependencies()
+    except Exception as exc:
+        return f"pyspark's Connect client is not installed ({exc}): pip install 'sparkdl-torch[connect]'"
+    return None
 
 
 def connect_spark_session(

@@ -1,4 +1,4 @@
-"""Shared fixtures; one marker per tier (unit, dist, spark, cluster, s3, gpu), each test with a timeout.
+"""Shared fixtures; one marker per tier (unit, dist, spark, connect, cluster, s3, gpu), each test with a timeout.
 
 Helpers used by more than one test module live here (or, when users want them too, in
 ``sparkdl.testing``); a helper a test module needs is requested as a fixture. Functions defined
@@ -173,7 +173,7 @@ def pytest_collection_modifyitems(config, items):
         has_cuda = False
     for item in items:
         parts = item.path.parts
-        for tier in ("unit", "dist", "spark", "cluster", "s3", "gpu"):
+        for tier in ("unit", "dist", "spark", "connect", "cluster", "s3", "gpu"):
             if tier in parts:
                 item.add_marker(getattr(pytest.mark, tier))
         if "gpu" in parts and not has_cuda:
