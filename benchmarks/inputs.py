@@ -302,7 +302,7 @@ def inputs_markdown(results: dict[str, list[dict]], dense: list[dict], args, loa
         best = max(peers) if peers else float("nan")
         for e in entries:
             lines.append(
-                f"| {kind} | {e['rows']:,} | {e['reader']} | {e['rows_per_s'] / 1e3:,.0f} k | "
+                f"| {kind} | {e['rows']:,} | {e['reader']} | {e['rows_per_s'] / 1e3:,.1f} k | "
                 f"{e['rows_per_s'] / best:.2f}× | {e['peak_rss_mib']:.0f} |"
             )
     targets = {"ids": 2.0, "tokens": 2.0, "images": 1.0}
