@@ -263,7 +263,17 @@ def _process_pool(workers: int) -> Any:
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         pool = _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=context)
+        if len(_POOLS) == 1:
+            import atexit
+
+            atexit.register(_shut_pools)  # before interpreter teardown, not during it
     return pool
+
+
+def _shut_pools() -> None:
+    for pool in _POOLS.values():
+        pool.shutdown(wait=True, cancel_futures=True)
+    _POOLS.clear()
 
 
 def decode_images(

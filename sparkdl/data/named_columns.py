@@ -71,13 +71,11 @@ def named_bases(
         for column in [value] if isinstance(value, str) else value:
             base = spark_base(fields[column])
             bases[column] = base
-            nested = base.startswith("nested_")
-            if base.startswith(("int", "float", "list_", "binary")) or (nested and name in shapes):
+            declared = base.startswith("nested_") and name in shapes
+            if base in ("int", "float", "binary") or base.startswith("list_") or declared:
                 continue
-            plan_inputs({name: column}, bases, {})  # raises DataError with the fix
-            raise DataError(  # pragma: no cover - plan_inputs raises for every refused base
-                f"feature column {column!r} must be a type sparkdl can feed, got {base}."
-            )
+            plan_inputs({name: column}, bases, {})  # raises the DataError naming column and fix
+            raise DataError(f"feature column {column!r} must be numeric, got {base}.")
     return bases
 
 

@@ -406,3 +406,35 @@ def test_transform_threads_give_the_same_batches_in_order(tmp_path):
     assert batches(3) == batches(1) and len(batches(1)) == 13
     with pytest.raises(ConfigError, match="transform_threads"):
         ds.loader(0, 1, batch_size=3, transform_threads=0)
+
+
+def test_spark_types_map_to_bases_and_refused_ones_name_the_column():
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql import types as T
+
+    from sparkdl.data.named_columns import named_bases
+
+    fields = {
+        "id": T.IntegerType(),
+        "price": T.DecimalType(10, 2),
+        "flag": T.BooleanType(),
+        "vec": VectorUDT(),
+        "ids": T.ArrayType(T.ShortType()),
+        "grid": T.ArrayType(T.ArrayType(T.DoubleType())),
+        "png": T.BinaryType(),
+        "span": T.DayTimeIntervalType(),
+        "tags": T.MapType(T.StringType(), T.IntegerType()),
+    }
+    named = {c: c for c in ("id", "price", "flag", "vec", "ids", "grid", "png")}
+    assert named_bases(named, fields, {"grid": [2, 2]}) == {
+        "id": "int",
+        "price": "float",
+        "flag": "float",
+        "vec": "list_float",
+        "ids": "list_int",
+        "grid": "nested_float",
+        "png": "binary",
+    }
+    for column in ("span", "tags"):
+        with pytest.raises(DataError, match=f"'{column}'"):
+            named_bases({column: column}, fields, {})
