@@ -297,3 +297,51 @@ def test_sample_weights_two_workers_of_b_equal_one_worker_of_2b(spark_local, tmp
         torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-5)
     unweighted = fit(1, "unweighted")
     assert not torch.allclose(one["weight"], unweighted["weight"], atol=1e-3)
+
+
+class TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.click, self.rating = torch.nn.Linear(3, 2), torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.click(x), self.rating(x).squeeze(1)
+
+
+def weighted_multi_task(outputs, labels, weights):
+    clicked, rating = labels
+    rows = torch.nn.functional.cross_entropy(outputs[0], clicked, reduction="none")
+    rows = rows + (outputs[1] - rating) ** 2
+    return (rows * weights).sum() / weights.sum()
+
+
+def test_several_labels_and_weights_through_materialize_and_fit(spark_local, tmp_path):
+    rng = np.random.default_rng(3)
+    rows = [
+        (rng.normal(size=3).tolist(), int(i % 2), float(i % 5), int(1 + i % 3)) for i in range(96)
+    ]
+    df = spark_local.createDataFrame(rows, "x array<double>, clicked int, rating double, w int")
+    model = sparkdl.TorchEstimator(
+        model=TwoHeads,
+        feature_cols=["x"],
+        label_col=["clicked", "rating"],
+        sample_weight_col="w",
+        loss=weighted_multi_task,
+        batch_size=8,
+        epochs=2,
+        run_dir=str(tmp_path / "multi"),
+    ).fit(df)
+    manifest = json.loads(open(tmp_path / "multi" / "data" / "_sparkdl_manifest.json").read())
+    assert [(s["name"], s["kind"]) for s in manifest["labels"]] == [
+        ("clicked", "int"),
+        ("rating", "float"),
+    ]
+    assert manifest["weight_col"] == "w" and manifest["feature_cols"] == ["x"]
+    stored = {f["name"]: f["type"] for f in manifest["schema"]}
+    assert stored["clicked"] == "int64" and stored["w"] == "float"
+    assert model.getLabelCol() == "clicked"
+    assert model.transform(df).count() == 96
+    with pytest.raises(sparkdl.ConfigError, match="callable loss"):
+        sparkdl.TorchEstimator(
+            model=TwoHeads, feature_cols=["x"], label_col=["clicked", "rating"], run_dir="x"
+        )

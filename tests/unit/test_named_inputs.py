@@ -438,3 +438,57 @@ def test_spark_types_map_to_bases_and_refused_ones_name_the_column():
     for column in ("span", "tags"):
         with pytest.raises(DataError, match=f"'{column}'"):
             named_bases({column: column}, fields, {})
+
+
+class _TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.click, self.rating = torch.nn.Linear(1, 2), torch.nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.click(x), self.rating(x).squeeze(1)
+
+
+def _multi_task_loss(outputs, labels):
+    clicked, rating = labels
+    return torch.nn.functional.cross_entropy(outputs[0], clicked) + torch.nn.functional.mse_loss(
+        outputs[1], rating
+    )
+
+
+@pytest.mark.parametrize("case", ["multi-task", "multi-label"])
+def test_run_worker_trains_several_and_array_labels(tmp_path, case):
+    from sparkdl.config import ModelSpec, OptimConfig, TrainSpec
+    from sparkdl.context import WorkerEnv
+    from sparkdl.train.worker import run_worker
+
+    n = 32
+    table = pa.table(
+        {
+            "x": pa.array(np.linspace(-1, 1, n, dtype=np.float32)),
+            "clicked": pa.array((np.arange(n) % 2).astype(np.int64)),
+            "rating": pa.array(np.arange(n) / 10.0),
+            "tags": pa.array([[i % 2, (i + 1) % 2, 1] for i in range(n)], pa.list_(pa.int64())),
+        }
+    )
+    multi = case == "multi-task"
+    write_dataset(
+        str(tmp_path / "ds"),
+        [table],
+        feature_cols=["x"],
+        label_col=["clicked", "rating"] if multi else "tags",
+        validation_shards=[table],
+    )
+    spec = TrainSpec(
+        model=ModelSpec(factory=_TwoHeads if multi else (lambda: torch.nn.Linear(1, 3))),
+        dataset_path=str(tmp_path / "ds"),
+        run_dir=str(tmp_path / "run"),
+        optim=OptimConfig(
+            batch_size=8,
+            epochs=2,
+            loss=_multi_task_loss if multi else "bce_with_logits",
+            learning_rate=0.05,
+        ),
+    )
+    result = run_worker(spec, WorkerEnv(rank=0, world_size=1))
+    assert result.steps == 8 and np.isfinite(result.metrics["validation/loss"])
