@@ -51,11 +51,12 @@ from sparkdl.data.bad_input import (
 )
 from sparkdl.data.bad_input import Params as _Params
 from sparkdl.data.dataset import ShardedDataset
-from sparkdl.data.input_specs import check_feature_cols, input_columns, is_named
+from sparkdl.data.input_specs import input_columns
 from sparkdl.data.manifest import FORMAT_VERSION, FileEntry, Manifest, ShardEntry
 from sparkdl.data.named_columns import (
     Layout,
     named_cast,
+    named_inputs,
     nonfinite_kind,
     plan_columns,
     plan_named,
@@ -134,17 +135,8 @@ def materialize(
     check_on_invalid(on_invalid)
     labels = check_labels(label_col, sample_weight_col, feature_cols)
     label_col = labels["label_cols"][0] if labels else label_col
-    named = None
-    if is_named(feature_cols) or feature_shapes or max_lengths or pad_values:
-        named = {
-            "feature_cols": check_feature_cols(feature_cols),
-            "options": {
-                "feature_shapes": feature_shapes or {},
-                "max_lengths": max_lengths or {},
-                "pad_values": pad_values or {},
-            },
-        }
-        feature_cols = input_columns(named["feature_cols"])
+    named = named_inputs(feature_cols, feature_shapes, max_lengths, pad_values)
+    feature_cols = input_columns(named["feature_cols"]) if named else feature_cols
     params = check_params(
         feature_cols,
         label_col,

@@ -17,7 +17,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sparkdl.data.input_specs import InputSpec, is_named, plan_inputs, plan_labels
+from sparkdl.data.input_specs import (
+    InputSpec,
+    check_feature_cols,
+    is_named,
+    plan_inputs,
+    plan_labels,
+)
 from sparkdl.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -30,6 +36,7 @@ __all__ = [
     "stored_labels",
     "spark_base",
     "named_bases",
+    "named_inputs",
     "named_cast",
     "nonfinite_kind",
     "plan_named",
@@ -60,6 +67,24 @@ def spark_base(dtype: Any) -> str:
         if item in ("list_int", "list_float") and type(dtype.elementType).__name__ != "VectorUDT":
             return f"nested_{item[5:]}"
     return str(dtype.simpleString())
+
+
+def named_inputs(
+    feature_cols: Any, feature_shapes: Any, max_lengths: Any, pad_values: Any
+) -> dict[str, Any] | None:
+    """``{"feature_cols": the checked dict, "options": {feature_shapes, max_lengths,
+    pad_values}}`` for named inputs (the options also flag a list as a mistake, refused by
+    :func:`plan_columns`); None for a plain list of columns."""
+    if not (is_named(feature_cols) or feature_shapes or max_lengths or pad_values):
+        return None
+    return {
+        "feature_cols": check_feature_cols(feature_cols),
+        "options": {
+            "feature_shapes": feature_shapes or {},
+            "max_lengths": max_lengths or {},
+            "pad_values": pad_values or {},
+        },
+    }
 
 
 def named_bases(

@@ -41,6 +41,7 @@ from sparkdl.data.manifest import MANIFEST_NAME
 from sparkdl.errors import ConfigError, DataError
 from sparkdl.launch.launcher import job_description
 from sparkdl.launch.progress import RunMonitor, SparkPhaseProgress
+from sparkdl.ml.driver_check import check_model_on_driver
 from sparkdl.ml.model import OUTPUT_PARAMS, TorchModel, check_output_params
 from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_dict, as_list, with_params
 from sparkdl.ml.persistence import ParamsPersistence
@@ -563,70 +564,3 @@ def fit_dir_name(params: dict[str, Any]) -> str:
     shown = re.sub(r"[^A-Za-z0-9._=+-]+", "-", shown)[:80].strip("-_")
     suffix = uuid.uuid4().hex[:8]
     return f"fit-{shown}-{suffix}" if shown else f"fit-{suffix}"
-
-
-def check_model_on_driver(
-    configs: _Configs, dataset: ShardedDataset, feature_cols: Any, transform_fn: Any = None
-) -> None:
-    """Build the model on the driver's CPU and run one forward and loss pass on a few rows of
-    the training split, as a worker's first step would (no process group, no optimizer step).
-
-    Raises ConfigError naming the batch (shapes, dtypes, columns) and the model's complaint, so
-    a width, dtype, label or output-type mistake surfaces before any task launches.
-    """
-    import torch
-
-    from sparkdl.data.inputs import call_model, split_batch
-    from sparkdl.train.components import build_loss, build_row_loss, metric_name, metric_sum
-
-    rows = min(4, dataset.num_rows)
-    loader = dataset.loader(
-        0, 1, batch_size=rows, shuffle=False, prefetch_batches=0, transform=transform_fn
-    )
-    features, labels, weights = split_batch(next(iter(loader)))
-    batch = (
-        f"a batch of {rows} rows: features {_describe(features)} from "
-        f"{feature_cols!r}, labels {_describe(labels)}"
-    )
-    try:
-        module = configs.model.build()
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(
-            f"the model must build on the driver for the pre-launch check, got "
-            f"{type(exc).__name__}: {exc}. Fix the factory, or pass driver_check=False if it "
-            "cannot build here (e.g. too large)"
-        ) from exc
-    module.eval()  # one small batch: no dropout, batch norm on its running statistics
-    try:
-        with torch.no_grad():
-            outputs = call_model(module, features)
-            if weights is None:
-                build_loss(configs.optim)(outputs, labels)
-            else:
-                build_row_loss(configs.optim)(outputs, labels, weights)
-            if not isinstance(labels, tuple):
-                metric_sum(metric_name(configs.optim), outputs, labels)
-    except ConfigError as exc:
-        raise ConfigError(f"{exc} (found on {batch}, before launch)") from exc
-    except Exception as exc:
-        raise ConfigError(
-            f"the model and loss must accept the training batches, got {type(exc).__name__}: "
-            f"{str(exc).strip()[:500]} on {batch} (checked on the driver before launch). Match "
-            "the model's input width and output to the data and the loss; driver_check=False "
-            "skips this check"
-        ) from exc
-
-
-def _describe(features: Any) -> str:
-    """A batch's features in words: shape and dtype of each tensor (lists: their length)."""
-    if isinstance(features, tuple):
-        return "(" + ", ".join(_describe(f) for f in features) + ")"
-    if not isinstance(features, dict):
-        return f"{tuple(features.shape)} {features.dtype}"
-    parts = [
-        f"{k}: {tuple(v.shape)} {v.dtype}" if hasattr(v, "shape") else f"{k}: {len(v)} values"
-        for k, v in features.items()
-    ]
-    return "{" + ", ".join(parts) + "}"
