@@ -492,3 +492,32 @@ def test_run_worker_trains_several_and_array_labels(tmp_path, case):
     )
     result = run_worker(spec, WorkerEnv(rank=0, world_size=1))
     assert result.steps == 8 and np.isfinite(result.metrics["validation/loss"])
+
+
+def test_inference_builds_the_training_inputs_and_names_bad_ids():
+    from pyspark import cloudpickle
+
+    from sparkdl.ml.inference import ShippedModule, _Plan, _Predictor
+
+    torch.manual_seed(0)
+    module = _Ids().eval()
+    specs = (
+        InputSpec("user", ("u",), "int", "int64"),
+        InputSpec("tokens", ("t",), "ragged", "int64"),
+    )
+    shipped = ShippedModule("named-inputs-test", payload=cloudpickle.dumps(module))
+    plan = _Plan(shipped, ("u", "t"), None, True, 2, True, "cpu", specs, None, with_raw=True)
+    users = pa.array([1, 2, 3], pa.int64())
+    tokens = pa.array([[1], [1, 1, 1], [1, 1]], pa.list_(pa.int64()))
+    predictions, (probabilities, raw) = _Predictor(plan)([users, tokens])
+    with torch.no_grad():  # batches of 2: rows 0-1 padded to 3, row 2 alone
+        first = module(
+            torch.tensor([1, 2]), torch.tensor([[1, 0, 0], [1, 1, 1]]), torch.tensor([1, 3])
+        )
+        last = module(torch.tensor([3]), torch.tensor([[1, 1]]), torch.tensor([2]))
+    expected = torch.cat([first, last])
+    assert predictions.to_pylist() == expected.argmax(1).double().tolist()
+    np.testing.assert_allclose(raw.to_pylist(), expected.numpy(), rtol=1e-6)
+    assert len(probabilities) == 3
+    with pytest.raises(DataError, match=r"column 'u' \(input 'user'\): 1\.\.9"):
+        _Predictor(plan)([pa.array([1, 9, 3], pa.int64()), tokens])
