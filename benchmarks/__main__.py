@@ -1,4 +1,4 @@
-"""Benchmarks, one subcommand each: ``python -m benchmarks [loader|launch|train|sync|inference|materialize|inputs|all]``.
+"""Benchmarks, one subcommand each: ``python -m benchmarks [loader|launch|train|sync|inference|materialize|inputs|shipping|all]``.
 
 Run from the repository root. ``all`` runs every benchmark with its defaults. Add a benchmark:
 a module with ``add_xxx(subparsers)`` that registers a subcommand with ``func=...``, listed in
@@ -15,6 +15,7 @@ from benchmarks.inputs import add_inputs
 from benchmarks.launch import add_launch
 from benchmarks.loader import add_loader
 from benchmarks.materialize import add_materialize
+from benchmarks.shipping import add_shipping
 from benchmarks.sync import add_sync
 from benchmarks.train import add_train
 
@@ -26,8 +27,9 @@ BENCHMARKS = [
     add_inference,
     add_materialize,
     add_inputs,
+    add_shipping,
 ]
-ALL = ("loader", "launch", "train", "sync", "inference", "materialize", "inputs")
+ALL = ("loader", "launch", "train", "sync", "inference", "materialize", "inputs", "shipping")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,8 @@
 """[driver] Distributor: run a function on N workers as one Spark barrier stage (or locally).
 
+The stage is ``mapInArrow(..., barrier=True)`` over one row per worker, on a classic and a Spark
+Connect session alike (:mod:`sparkdl.session` holds what differs between the two).
+
 Before any task starts, the driver runs the pre-launch checks of :mod:`sparkdl.launch.checks`
 (worker count, dynamic allocation, task slots, the GPU amount per task). The stage's tasks run
 ``rendezvous.barrier_task``; a failed rank's error comes back as a marker in Spark's error text
@@ -58,7 +61,8 @@ class Distributor:
         use_gpu: give each worker the GPU Spark assigned to its task (``cuda:<address>``, nccl).
         backend: torch.distributed backend; default nccl with ``use_gpu``, else gloo.
         timeout_s: bound on the launch wait (executors and slots, all tasks started/joined).
-        spark: the SparkSession to use; default the active one (or a new one from the builder).
+        spark: the SparkSession to use, classic or Spark Connect (a server ≥ 3.5); default the
+            active one (or a new one from the builder).
         local_mode: run plain processes on this machine instead of Spark (debugging, tests).
         collective_timeout_s: the process group's timeout; a dead or hung peer fails the group
             within it.
