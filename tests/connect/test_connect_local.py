@@ -17,6 +17,7 @@ from sparkdl.data import ShardedDataset, materialize
 from sparkdl.data.manifest import MANIFEST_NAME
 from sparkdl.errors import ConfigError, RendezvousError, WorkerGroupError
 from sparkdl.launch import launcher
+from sparkdl.ml import inference
 from sparkdl.testing import classification_frame, free_port
 
 pytestmark = pytest.mark.timeout(600)
@@ -125,7 +126,9 @@ def test_materialize_and_reuse(spark_connect, tmp_path):
         )  # fmt: skip
 
 
-def test_digits_estimator_end_to_end(spark_connect, connect_digits, digits_estimator, tmp_path):
+def test_digits_estimator_end_to_end(
+    spark_connect, connect_digits, digits_estimator, tmp_path, monkeypatch
+):
     from pyspark.sql import functions as F
 
     train, test = connect_digits
@@ -140,7 +143,15 @@ def test_digits_estimator_end_to_end(spark_connect, connect_digits, digits_estim
     model.write().overwrite().save(str(tmp_path / "model"))  # Connect's overwrite works too
     loaded = sparkdl.TorchModel.load(str(tmp_path / "model"))
     again = loaded.transform(test).select("prediction").toPandas()["prediction"]
-    assert again.tolist() == scored.select("prediction").toPandas()["prediction"].tolist()
+    expected = scored.select("prediction").toPandas()["prediction"].tolist()
+    assert again.tolist() == expected
+    # a module over the inline limit travels through a file in the run directory
+    monkeypatch.setattr(inference, "INLINE_MAX_BYTES", 0)
+    by_file = sparkdl.TorchModel.load(str(tmp_path / "model"))
+    assert (
+        by_file.transform(test).select("prediction").toPandas()["prediction"].tolist() == expected
+    )
+    assert len(os.listdir(os.path.join(model.run_dir, "shipped"))) == 1
 
 
 def test_killed_rank_restarts_and_resumes(spark_connect, frame, tmp_path, estimator):
