@@ -182,15 +182,22 @@ def _accepted(model: Any) -> tuple[set[str], bool]:
 
 def call_model(model: Any, inputs: Any) -> Any:
     """``model(inputs)`` for a tensor; ``model(**inputs)`` for a dict, where ``<name>_length``
-    entries reach only a ``forward`` that names them (or takes ``**kwargs``)."""
+    (int64 ``[B]``) reaches only a ``forward`` that names that parameter: padded inputs carry
+    their rows' lengths, and an input of fixed-length rows (every row as long) gets its width,
+    so a model written for variable-length tokens also takes rows that happen to be even."""
     if not isinstance(inputs, Mapping):
         return model(inputs)
-    names, anything = _accepted(model)
+    names, _ = _accepted(model)
     kwargs = {
         k: v
         for k, v in inputs.items()
-        if anything or k in names or not (k.endswith("_length") and k[: -len("_length")] in inputs)
+        if k in names or not (k.endswith("_length") and k[: -len("_length")] in inputs)
     }
+    for name in names:
+        base = name[: -len("_length")] if name.endswith("_length") else None
+        value = inputs.get(base) if base else None
+        if name not in kwargs and isinstance(value, torch.Tensor) and value.dim() >= 2:
+            kwargs[name] = torch.full((value.shape[0],), value.shape[1], device=value.device)
     return model(**kwargs)
 
 

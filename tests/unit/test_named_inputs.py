@@ -169,6 +169,15 @@ def test_lengths_reach_only_a_forward_that_takes_them():
     assert call_model(_Model(), inputs).tolist() == [6, 4]
     assert call_model(_NoLengths(), inputs).tolist() == [3, 3]
     assert call_model(torch.nn.Identity(), torch.ones(2)).tolist() == [1, 1]
+    # rows of one length (an "array" input, no lengths built): the forward still gets them
+    assert call_model(_Model(), {"tokens": torch.ones(2, 3)}).tolist() == [6, 6]
+    # **kwargs is no parameter named tokens_length: no lengths
+    assert call_model(_AnyKeywords(), inputs) == ["tokens"]
+
+
+class _AnyKeywords(torch.nn.Module):
+    def forward(self, **inputs):
+        return sorted(inputs)
 
 
 def _loader_dataset(tmp_path, rows=40):
