@@ -218,3 +218,28 @@ def test_pipeline_fits_transforms_saves_and_loads(spark_connect, tmp_path):
     loaded = PipelineModel.load(str(tmp_path / "pipeline"))
     again = loaded.transform(df).select("prediction").toPandas()["prediction"].tolist()
     assert len(first) == 256 and again == first
+
+
+@pytest.mark.parametrize(
+    ("strategy", "options"),
+    [
+        ("allreduce", {"compression": "fp16"}),
+        ("local_sgd", {}),
+        ("parameter_server", {}),
+        ("fsdp", {}),
+    ],
+    ids=["allreduce-fp16", "local_sgd", "parameter_server", "fsdp"],
+)
+def test_every_sync_strategy_trains_and_resumes(
+    spark_connect, frame, tmp_path, estimator, strategy, options
+):
+    """One epoch, then one more resumed from its checkpoint (each strategy's own format)."""
+    run_dir = tmp_path / "run"
+    first = estimator(run_dir, strategy=strategy, strategy_options=options, epochs=1).fit(frame)
+    assert RunDirectory(first.run_dir).summary()["status"] == "succeeded"
+    resumed = estimator(
+        run_dir, strategy=strategy, strategy_options=options, epochs=2, resume=True
+    ).fit(frame)
+    summary = RunDirectory(resumed.run_dir).summary()
+    assert summary["status"] == "succeeded" and summary["resumed_from_step"] == 12
+    assert summary["config"]["sync"]["strategy"] == strategy
