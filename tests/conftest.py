@@ -70,6 +70,36 @@ def small_estimator():
     return build
 
 
+def small_classifier():
+    """The fault tests' model: 6 features → 16 → 3 classes (travels by value)."""
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+@pytest.fixture(scope="session")
+def fault_setup(small_estimator):
+    """What the fault tests of every tier share, on whichever session: ``frame(spark)`` (192
+    rows × 6 features, 3 classes, 3 partitions: 12 steps per epoch on 2 workers at batch 8),
+    ``estimator(run_dir, **overrides)`` (the small estimator on ``model``, checkpoints every 5
+    steps and at each epoch's end) and ``model`` (:func:`small_classifier`)."""
+    import functools
+    from types import SimpleNamespace
+
+    from sparkdl.testing import classification_frame
+
+    def frame(spark):
+        return classification_frame(spark, rows=192, features=6, classes=3, seed=11, partitions=3)
+
+    return SimpleNamespace(
+        frame=frame,
+        estimator=functools.partial(
+            small_estimator, model=small_classifier, checkpoint_every_steps=5
+        ),
+        model=small_classifier,
+    )
+
+
 @pytest.fixture(scope="session")
 def digits_estimator():
     """Builder of the digits TorchEstimator (data/digits: 64 features, 10 classes):

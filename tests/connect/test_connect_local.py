@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -18,30 +17,21 @@ from sparkdl.data.manifest import MANIFEST_NAME
 from sparkdl.errors import ConfigError, RendezvousError, WorkerGroupError
 from sparkdl.launch import launcher
 from sparkdl.ml import inference
-from sparkdl.testing import classification_frame, free_port
+from sparkdl.testing import free_port
 
 pytestmark = pytest.mark.timeout(600)
 
-FEATURES, ROWS = 6, 192
 
-
-def small_model():
-    return torch.nn.Sequential(
-        torch.nn.Linear(FEATURES, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
-    )
+@pytest.fixture(scope="module")
+def frame(spark_connect, fault_setup):
+    return fault_setup.frame(spark_connect)
 
 
 @pytest.fixture(scope="module")
-def frame(spark_connect):
-    return classification_frame(
-        spark_connect, rows=ROWS, features=FEATURES, classes=3, seed=11, partitions=3
-    )
-
-
-@pytest.fixture(scope="module")
-def estimator(small_estimator):
-    """The small estimator (tests/conftest.py): 12 steps per epoch, checkpoints every 5."""
-    return functools.partial(small_estimator, model=small_model, checkpoint_every_steps=5)
+def estimator(fault_setup):
+    """``estimator(run_dir, **overrides)``: the fault tests' small estimator (tests/conftest.py:
+    12 steps per epoch, checkpoints every 5 steps and epoch)."""
+    return fault_setup.estimator
 
 
 def all_reduce_rank_plus(x):

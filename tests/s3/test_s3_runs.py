@@ -21,7 +21,7 @@ from sparkdl.errors import ConfigError
 from sparkdl.rundir import RunLayout
 from sparkdl.rundir import checkpoints as ckpt
 from sparkdl.rundir.model_dir import load_module
-from sparkdl.testing import classification_frame, free_port
+from sparkdl.testing import free_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -33,33 +33,23 @@ if int(pa.__version__.split(".")[0]) < 15:
     )
 
 DIGITS = os.path.join(os.path.dirname(__file__), "..", "..", "data", "digits")
-FEATURES, ROWS = 6, 192
-
-
-def small_model():
-    return torch.nn.Sequential(
-        torch.nn.Linear(FEATURES, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
-    )
 
 
 @pytest.fixture(scope="module")
-def frame(spark_s3):
-    return classification_frame(
-        spark_s3, rows=ROWS, features=FEATURES, classes=3, seed=11, partitions=3
-    )
+def frame(spark_s3, fault_setup):
+    return fault_setup.frame(spark_s3)
 
 
 @pytest.fixture(scope="module")
-def estimator(small_estimator):
-    """``estimator(run_dir, dataset_dir, **overrides)``: the small estimator (tests/conftest.py)
-    on small_model, its dataset on local disk.
+def estimator(fault_setup):
+    """``estimator(run_dir, dataset_dir, **overrides)``: the fault tests' small estimator
+    (tests/conftest.py), its dataset on local disk.
 
     192 rows / 2 workers / batch 8 = 12 steps per epoch; checkpoints every 5 steps and epoch.
     """
 
     def build(run_dir, dataset_dir, **overrides):
-        settings = {"model": small_model, "checkpoint_every_steps": 5, **overrides}
-        return small_estimator(run_dir, dataset_dir=str(dataset_dir), **settings)
+        return fault_setup.estimator(run_dir, dataset_dir=str(dataset_dir), **overrides)
 
     return build
 
@@ -167,7 +157,7 @@ def test_killed_rank_resumes_exactly_from_s3_checkpoints(frame, s3_root, tmp_pat
     [("fsdp", {"min_unit_params": 0}), ("parameter_server", {}), ("local_sgd", {"sync_every": 2})],
 )
 def test_sync_strategies_checkpoint_and_resume_on_s3(
-    frame, s3_root, tmp_path, strategy, options, estimator
+    frame, s3_root, tmp_path, strategy, options, estimator, fault_setup
 ):
     fault = {"rank": 0, "step": 8, "attempt": 0, "mode": "exit"}
     run_dir = f"{s3_root}/{strategy}"
@@ -183,7 +173,7 @@ def test_sync_strategies_checkpoint_and_resume_on_s3(
     run = RunDirectory(run_dir).summary()
     assert run["status"] == "succeeded" and run["resumed_from_step"] == 5
     assert ckpt.latest_step(run_dir) == run["steps"]
-    reloaded = load_module(RunLayout(run_dir).model_dir, model=small_model)
+    reloaded = load_module(RunLayout(run_dir).model_dir, model=fault_setup.model)
     expected = model.module.state_dict()
     assert all(torch.equal(expected[k], v) for k, v in reloaded.state_dict().items())
 

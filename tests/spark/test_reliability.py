@@ -4,7 +4,6 @@ clear errors; resume=True continues an interrupted run (with another worker coun
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 
@@ -15,33 +14,20 @@ import sparkdl
 from sparkdl.artifacts import RunDirectory
 from sparkdl.errors import WorkerGroupError
 from sparkdl.rundir import checkpoints as ckpt
-from sparkdl.testing import classification_frame
 
 pytestmark = pytest.mark.timeout(600)
 
-FEATURES, ROWS = 6, 192
 
-
-def small_model():
-    return torch.nn.Sequential(
-        torch.nn.Linear(FEATURES, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
-    )
+@pytest.fixture(scope="module")
+def frame(spark_local, fault_setup):
+    return fault_setup.frame(spark_local)
 
 
 @pytest.fixture(scope="module")
-def frame(spark_local):
-    return classification_frame(
-        spark_local, rows=ROWS, features=FEATURES, classes=3, seed=11, partitions=3
-    )
-
-
-@pytest.fixture(scope="module")
-def estimator(small_estimator):
-    """``estimator(run_dir, **overrides)``: the small estimator (tests/conftest.py) on small_model.
-
-    192 rows / 2 workers / batch 8 = 12 steps per epoch; checkpoints every 5 steps and epoch.
-    """
-    return functools.partial(small_estimator, model=small_model, checkpoint_every_steps=5)
+def estimator(fault_setup):
+    """``estimator(run_dir, **overrides)``: the fault tests' small estimator (tests/conftest.py:
+    12 steps per epoch, checkpoints every 5 steps and epoch)."""
+    return fault_setup.estimator
 
 
 def _run_json(run_dir):
