@@ -22,13 +22,14 @@ Nothing here imports pyspark at module level.
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import re
 import socket
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from sparkdl.errors import ConfigError
@@ -86,7 +87,7 @@ def _local_slots(master: str) -> int | None:
     return int(found.group(1))
 
 
-class SparkSide:
+class SparkSide(abc.ABC):
     """What sparkdl's driver needs from a SparkSession; see the module doc for the two kinds."""
 
     kind = "spark"
@@ -98,9 +99,9 @@ class SparkSide:
     def master(self) -> str:
         return str(self.conf("spark.master") or "")
 
+    @abc.abstractmethod
     def conf(self, key: str, default: str | None = None) -> str | None:
         """The value of Spark conf ``key``, or ``default`` when unset."""
-        raise NotImplementedError
 
     def task_cpus(self) -> int:
         """``spark.task.cpus`` (at least 1)."""
@@ -109,19 +110,18 @@ class SparkSide:
         except ValueError:
             return 1
 
-    @contextmanager
-    def job_phase(self, description: str) -> Iterator[str]:
+    @abc.abstractmethod
+    def job_phase(self, description: str) -> AbstractContextManager[str]:
         """(driver) Spark jobs started inside carry a fresh handle (a job group or a tag) named
-        after ``description``; yields the handle, for :meth:`cancel` and :meth:`tasks`."""
-        raise NotImplementedError
-        yield ""  # pragma: no cover
+        after ``description``; the context yields the handle, for :meth:`cancel` and
+        :meth:`tasks`."""
 
-    def describe(self, text: str | None) -> None:
+    def describe(self, text: str | None) -> None:  # noqa: B027 - a no-op unless overridden
         """Describe the next jobs in the Spark UI (classic only; Connect shows the phase tag)."""
 
+    @abc.abstractmethod
     def cancel(self, handle: str) -> None:
         """Cancel the running jobs of ``handle``."""
-        raise NotImplementedError
 
     def tasks(self, handle: str) -> tuple[int, int, int] | None:
         """(started, done, total) tasks over ``handle``'s jobs so far; None when not visible."""

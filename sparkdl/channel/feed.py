@@ -228,7 +228,10 @@ class FeedPoller:
             log.debug("sparkdl: a feed frame could not be shown (%s)", exc)
 
     def close(self) -> None:
-        """Stop polling, then read the files a last time (the workers' final frames)."""
+        """Stop polling, then read the files a last time (the workers' final frames); a second
+        call does nothing."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)

@@ -211,9 +211,13 @@ class Distributor:
                         started=started,
                     )
         except WorkerGroupError as exc:
-            raise with_reported_failures(exc, _closed(poller, monitor).failures) from None
+            if poller is not None:
+                poller.close()  # its last read may bring failures the workers reported
+            raise with_reported_failures(exc, monitor.failures) from None
         finally:
-            _closed(poller, monitor).close()
+            if poller is not None:
+                poller.close()
+            monitor.close()
         return [cloudpickle.loads(value) for value in pickled]
 
 
@@ -231,14 +235,6 @@ def _poll_feed(options: LaunchOptions, monitor: RunMonitor) -> FeedPoller:
         )
 
     return FeedPoller(options.feed_dir, monitor.handle, on_first=first).start()
-
-
-def _closed(poller: FeedPoller | None, monitor: RunMonitor) -> RunMonitor:
-    """``monitor`` after the poller's last read (the workers' final frames); idempotent."""
-    if poller is not None and not getattr(poller, "closed", False):
-        poller.close()
-        poller.closed = True  # type: ignore[attr-defined]
-    return monitor
 
 
 @contextmanager
