@@ -253,7 +253,8 @@ def unpickle_payload(cloudpickle: Any, payload: bytes) -> Any:
         raise ConfigError(
             f"the launched function and its arguments must unpickle on the executors, got "
             f"{type(exc).__name__}: {exc}. The executors cannot load {what}: ship the module "
-            "with spark.sparkContext.addPyFile(path) (or --py-files), or pickle it by value "
+            "with spark.sparkContext.addPyFile(path) (or --py-files; on Spark Connect "
+            "spark.addArtifacts(path, pyfile=True)), or pickle it by value "
             "with cloudpickle.register_pickle_by_value(module) before fit/run, or install it "
             "(at the driver's version) on the executors"
         ) from exc
