@@ -132,7 +132,13 @@ def connect_spark_session(
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
     from pyspark.sql import SparkSession
 
+    global _LOCAL_SERVER_TOKEN
     settings = dict(conf or {})
+    if remote.startswith("sc://") and os.environ.get(_TOKEN_ENV) == _LOCAL_SERVER_TOKEN:
+        # pyspark left the token of a local server it started here in the environment; a
+        # client that finds one speaks TLS, which a server started on its own does not
+        os.environ.pop(_TOKEN_ENV, None)
+    had_token = _TOKEN_ENV in os.environ
     if remote.startswith("local"):
         from pyspark.sql.session import SparkSession as ClassicSession
 
@@ -145,7 +151,16 @@ def connect_spark_session(
         builder = builder.config(key, value)
     with warnings.catch_warnings():  # static settings are applied at start, then refused
         warnings.simplefilter("ignore")
-        return builder.getOrCreate()
+        spark = builder.getOrCreate()
+    if remote.startswith("local") and not had_token:
+        _LOCAL_SERVER_TOKEN = os.environ.get(_TOKEN_ENV)
+    return spark
+
+
+_TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
+_LOCAL_SERVER_TOKEN: str | None = None
+"""The token pyspark generated (and left in the environment) for the last local Connect server
+:func:`connect_spark_session` started."""
 
 
 def connect_server_command(port: int, master: str = "local[2]") -> list[str]:

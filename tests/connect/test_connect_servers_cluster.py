@@ -7,6 +7,7 @@ executor JVMs) and a Connect server started on its own (``spark-submit --class
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 
 import pytest
@@ -24,7 +25,7 @@ from sparkdl.testing import (
 
 UNAVAILABLE = connect_unavailable()
 pytestmark = [
-    pytest.mark.timeout(600),
+    pytest.mark.timeout(480),
     pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or ""),
 ]
 
@@ -73,7 +74,11 @@ def connect_server(tmp_path):
     port = free_port()
     log_path = tmp_path / "connect-server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(connect_server_command(port), stdout=log, stderr=subprocess.STDOUT)
+        # not the token pyspark left here for an earlier local server: this one is open
+        env = {k: v for k, v in os.environ.items() if k != "SPARK_CONNECT_AUTHENTICATE_TOKEN"}
+        proc = subprocess.Popen(
+            connect_server_command(port), stdout=log, stderr=subprocess.STDOUT, env=env
+        )
     try:
         wait_for_port(port, timeout_s=180, process=proc, log=str(log_path))
         yield f"sc://127.0.0.1:{port}"
@@ -86,9 +91,53 @@ def connect_server(tmp_path):
             proc.wait(timeout=30)
 
 
-def test_a_separately_started_connect_server(connect_server, tmp_path, small_estimator):
-    spark = connect_spark_session(connect_server, app_name="sparkdl-connect-server")
-    try:
-        _train_and_predict(spark, tmp_path / "run", small_estimator)
-    finally:
-        spark.stop()
+_CLIENT = r"""
+import sys
+
+import torch
+
+import sparkdl
+from sparkdl.testing import classification_frame, connect_spark_session
+
+
+def rank_sum(x):
+    import torch.distributed as dist
+
+    from sparkdl.context import get_context
+
+    t = torch.tensor([float(get_context().rank + x)])
+    dist.all_reduce(t)
+    return t.item()
+
+
+spark = connect_spark_session(sys.argv[1], app_name="sparkdl-connect-server")
+assert sparkdl.Distributor(2, spark=spark, timeout_s=180).run(rank_sum, 1) == [3.0, 3.0]
+frame = classification_frame(spark, rows=96, features=6, classes=3, seed=3, partitions=2)
+model = sparkdl.TorchEstimator(
+    model=lambda: torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)),
+    feature_cols=["features"], label_col="label", batch_size=8, epochs=1, num_workers=2,
+    run_dir=sys.argv[2],
+).fit(frame)
+predicted = model.transform(frame).select("prediction").toPandas()["prediction"]
+assert len(predicted) == 96 and set(predicted) <= {0, 1, 2}
+spark.stop()
+print("CLIENT OK", flush=True)
+"""
+
+
+def test_a_separately_started_connect_server(connect_server, tmp_path):
+    """The notebook's view: a fresh client process (no local server's state in it) that only
+    knows the server's address."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "SPARK_CONNECT_AUTHENTICATE_TOKEN"}
+    env.pop("SPARK_REMOTE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _CLIENT, connect_server, str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0 and "CLIENT OK" in done.stdout, done.stderr[-3000:]
