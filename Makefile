@@ -31,7 +31,7 @@ $(COMPAT)/.installed: setup.cfg Makefile
 	$(PYTHON) -m venv $(COMPAT)
 	$(CPY) -m pip install -q --upgrade pip
 	$(CPY) -m pip install -q "$(TORCH_SPEC)"
-	$(CPY) -m pip install -q $(COMPAT_SPEC) "$(TORCH_SPEC)" tqdm pillow "tomli>=1.1; python_version<'3.11'" \
+	$(CPY) -m pip install -q $(COMPAT_SPEC) "$(TORCH_SPEC)" tqdm pillow torchmetrics "tomli>=1.1; python_version<'3.11'" \
 		matplotlib pytest pytest-timeout
 	$(CPY) -m pip install -q --no-deps -e .
 	touch $@

@@ -149,8 +149,37 @@ class OptimConfig:
     reader: str = "pyarrow"
     """How workers read the shards: "pyarrow", or "petastorm" (compat environment only)."""
     early_stopping_patience: int = 0
-    """Stop after this many epochs without a lower validation loss, keeping the best epoch's
-    weights (0: off; train every epoch and keep the last). Needs a validation split."""
+    """Stop after this many epochs without an improvement of ``early_stopping_metric``,
+    keeping the best epoch's weights (0: off; train every epoch and keep the last). Needs a
+    validation split."""
+    early_stopping_metric: str = "loss"
+    """The validation metric early stopping watches: "loss", the built-in metric (accuracy or
+    mse) or a name in ``metrics``."""
+    early_stopping_mode: str = "auto"
+    """"min", "max", or "auto": min for loss and errors (mse, mae, rmse), max otherwise."""
+    precision: str = "32"
+    """"32", "bf16" (autocast to bfloat16, CPU and GPU) or "fp16" (autocast to float16 and a
+    gradient scaler; GPU only). Parameters, optimizer state and the saved model stay fp32."""
+    lr_schedule: str | Callable[..., Any] = "constant"
+    """A name in sparkdl.knobs.LR_SCHEDULES or ``schedule(optimizer, total_steps) ->
+    torch.optim.lr_scheduler.LRScheduler``; stepped once per optimizer step."""
+    lr_schedule_options: Mapping[str, Any] = field(default_factory=dict)
+    """"cosine"/"linear": ``min_lr_ratio`` (final LR ÷ learning_rate, default 0); "step":
+    ``step_size`` (optimizer steps, default a third of the run) and ``gamma`` (default 0.1)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to learning_rate before the schedule (0: none)."""
+    grad_clip_norm: float = 0.0
+    """Clip the global gradient norm (L2, over every parameter) to this value; 0: off."""
+    accumulate_steps: int = 1
+    """Batches whose gradients add up before one optimizer step (1: off)."""
+    weight_decay: float | None = None
+    """Weight decay of a named optimizer (AdamW: decoupled; the others: L2 in the gradient);
+    None: the optimizer's default (AdamW 0.01, the others 0)."""
+    metrics: tuple[Any, ...] = ()
+    """Extra metrics per epoch on the training and validation rows: names in
+    sparkdl.knobs.METRIC_NAMES or torchmetrics.Metric instances."""
+    class_weights: tuple[float, ...] | None = None
+    """cross_entropy / nll only: one weight per class (torch's ``weight`` argument)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, str) and self.loss not in LOSSES:
@@ -192,6 +221,13 @@ class OptimConfig:
         expect_choice("reader", self.reader, READERS, 'Use reader="pyarrow"')
         if self.reader == "petastorm":
             require_petastorm()  # fail on the driver, not on every worker
+        from sparkdl.knobs import check_knobs
+
+        for name in ("metrics", "class_weights"):  # lists from Params or TOML → tuples
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        check_knobs(self)
 
 
 @dataclass(frozen=True, kw_only=True)

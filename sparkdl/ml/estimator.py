@@ -39,6 +39,7 @@ from sparkdl.data.bad_input import check_on_invalid, read_input
 from sparkdl.data.input_specs import check_feature_cols, input_columns, is_named, specs_to_json
 from sparkdl.data.manifest import MANIFEST_NAME
 from sparkdl.errors import ConfigError, DataError
+from sparkdl.knobs import check_strategy_knobs
 from sparkdl.launch.launcher import job_description
 from sparkdl.launch.progress import RunMonitor, SparkPhaseProgress
 from sparkdl.ml.driver_check import check_model_on_driver
@@ -100,9 +101,31 @@ ESTIMATOR_PARAMS: tuple[ParamSpec, ...] = (
     P("validation_fraction", 0.0, "seeded fraction of rows held out for validation"),
     P("validation_col", "", "boolean column: true rows are the validation split (instead of "
       "validation_fraction); empty: none"),
-    P("early_stopping_patience", 0, "stop after this many epochs without a lower validation "
-      "loss and keep the best epoch's weights; 0: off (train every epoch, keep the last)",
-      "optim"),
+    P("early_stopping_patience", 0, "stop after this many epochs without an improvement of "
+      "early_stopping_metric and keep the best epoch's weights; 0: off (train every epoch, "
+      "keep the last)", "optim"),
+    P("early_stopping_metric", "loss", "the validation value early stopping watches: 'loss', "
+      "the built-in metric (accuracy or mse) or a name in metrics", "optim"),
+    P("early_stopping_mode", "auto", "min or max; auto: min for loss and errors (mse, mae, "
+      "rmse), max otherwise", "optim"),
+    # Training knobs: README "Training knobs".
+    P("precision", "32", "'32', 'bf16' (autocast to bfloat16, CPU and GPU) or 'fp16' (autocast "
+      "and a gradient scaler; GPU only); parameters and the saved model stay fp32", "optim"),
+    P("lr_schedule", "constant", "constant, cosine, linear, step, or schedule(optimizer, "
+      "total_steps) -> LRScheduler; stepped per optimizer step", "optim"),
+    P("lr_schedule_options", {}, "cosine/linear: min_lr_ratio; step: step_size (optimizer "
+      "steps), gamma", "optim", convert=as_dict),
+    P("warmup_steps", 0, "optimizer steps of linear warmup from 0 to learning_rate", "optim"),
+    P("grad_clip_norm", 0.0, "clip the global gradient L2 norm to this (0: off); the pre-clip "
+      "norm is recorded as grad_norm", "optim"),
+    P("accumulate_steps", 1, "batches whose gradients add up before one optimizer step "
+      "(allreduce: no communication on the others)", "optim"),
+    P("weight_decay", None, "weight decay of a named optimizer (None: its default, AdamW "
+      "0.01, else 0)", "optim"),
+    P("metrics", [], "extra per-epoch train/validation metrics, computed across ranks with "
+      "torchmetrics: names (accuracy, auc, f1, precision, recall, mse, mae, rmse, r2) or "
+      "torchmetrics.Metric instances", "optim", convert=as_list),
+    P("class_weights", None, "cross_entropy/nll: one weight per class", "optim"),
     P("shuffle", True, "seeded shuffle every epoch", "optim"),
     P("log_every_steps", 50, "record the cross-rank mean loss every N steps (0: per epoch)",
       "optim"),
@@ -216,7 +239,9 @@ class TorchEstimator(
         values = self.values()
         _check_estimator_values(values)
         check_output_params(values)
-        self._configs().sync.check_world_size(values["num_workers"])
+        configs = self._configs()
+        configs.sync.check_world_size(values["num_workers"])
+        check_strategy_knobs(configs.optim, configs.sync.strategy, use_gpu=values["use_gpu"])
 
     def _configs(self) -> _Configs:
         return _Configs(

@@ -17,6 +17,7 @@ payload once.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -84,6 +85,23 @@ class SyncStrategy:
         """(all ranks) The optimizer the loop steps; by default over the wrapped parameters."""
         assert self._wrapped is not None, "wrap() first"
         return build(self._wrapped.parameters())
+
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        """(all ranks) Context for the forward and backward of a batch whose gradients are
+        accumulated, not yet synchronized: DDP's ``no_sync`` where the wrapped module is DDP,
+        else nothing (the gradients are exchanged at the step anyway)."""
+        no_sync = getattr(self._wrapped, "no_sync", None)
+        return no_sync() if callable(no_sync) else contextlib.nullcontext()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """(all ranks) Clip the final gradients' total L2 norm to ``max_norm``; returns the norm
+        before clipping. Called after :meth:`before_step`, when gradients are final; for
+        sharded (DTensor) gradients torch reduces the norm over the shards' ranks."""
+        assert self._wrapped is not None, "wrap() first"
+        params = [p for p in self._wrapped.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        full_tensor = getattr(norm, "full_tensor", None)  # a DTensor (FSDP2): the global norm
+        return full_tensor() if callable(full_tensor) else norm
 
     def before_step(self, step: int) -> None:
         """(all ranks) Called after backward, before optimizer.step()."""

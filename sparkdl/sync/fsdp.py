@@ -87,6 +87,17 @@ class FSDPStrategy(SyncStrategy):
         self._module = self._wrapped = module
         return module
 
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """(all ranks) Accumulate unsharded gradients locally: no reduce-scatter until the batch
+        that closes the optimizer step (FSDP2's ``set_requires_gradient_sync``)."""
+        module = self.module_to_save()
+        module.set_requires_gradient_sync(False)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)  # type: ignore[operator]
+
     def final_state_dict(self) -> dict[str, Any] | None:
         """(all ranks) Gather the full parameters; the chief gets them as plain CPU tensors."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

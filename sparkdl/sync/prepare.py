@@ -43,12 +43,34 @@ class Prepared:
         """Zero its gradients as usual; step through :meth:`step`."""
         self.steps = 0
 
-    def step(self) -> None:
-        """(all ranks) One synchronized optimizer step, after ``loss.backward()``."""
+    def step(self, *, clip_norm: float = 0.0, scaler: Any = None) -> torch.Tensor | None:
+        """(all ranks) One synchronized optimizer step, after ``loss.backward()``.
+
+        ``clip_norm`` > 0 clips the final gradients' total L2 norm (see
+        ``SyncStrategy.clip_grad_norm``) and returns the norm before clipping (else None).
+        ``scaler`` is a ``torch.amp.GradScaler`` whose ``scale(loss).backward()`` made the
+        gradients: it unscales them before clipping and steps the optimizer (skipping steps
+        with inf/NaN gradients).
+        """
         self.strategy.before_step(self.steps)
-        self.optimizer.step()
+        norm = None
+        if clip_norm > 0:
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)
+            norm = self.strategy.clip_grad_norm(clip_norm)
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
         self.strategy.after_step(self.steps)
         self.steps += 1
+        return norm
+
+    def no_sync(self) -> Any:
+        """(all ranks) ``with sync.no_sync():`` around the forward and backward of a batch whose
+        gradients accumulate into the next one's (gradient accumulation): no communication."""
+        return self.strategy.no_sync()
 
     def synchronize(self) -> None:
         """(all ranks) Bring this rank's module to the model of record (e.g. to evaluate)."""

@@ -113,13 +113,15 @@ def build_loss(config: OptimConfig) -> Callable[[Any, torch.Tensor], torch.Tenso
     """
     if not isinstance(config.loss, str):
         return config.loss
-    loss = _LOSSES[config.loss]()
+    loss = _named_loss(config)
     if config.loss in ("cross_entropy", "nll"):
 
         def indexed(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
             if labels.dtype != torch.int64:  # whole floats (StringIndexer), int32 ...
                 labels = labels.long()
-            return loss(prediction_of(outputs), labels)
+            prediction = prediction_of(outputs)
+            _check_class_weights(config, prediction, loss)
+            return loss(prediction, labels)
 
         return indexed
 
@@ -141,12 +143,13 @@ def build_row_loss(config: OptimConfig) -> Callable[[Any, Any, torch.Tensor], to
     called as ``loss(outputs, labels, weights)`` and its result used as it is."""
     if not isinstance(config.loss, str):
         return config.loss
-    loss = _LOSSES[config.loss](reduction="none")
+    loss = _named_loss(config, reduction="none")
     indexed = config.loss in ("cross_entropy", "nll")
 
     def weighted(outputs: Any, labels: Any, weights: torch.Tensor) -> torch.Tensor:
         outputs = prediction_of(outputs)
         if indexed:
+            _check_class_weights(config, outputs, loss)
             rows = loss(outputs, labels if labels.dtype == torch.int64 else labels.long())
         else:
             labels = labels.to(outputs.dtype)
@@ -159,17 +162,41 @@ def build_row_loss(config: OptimConfig) -> Callable[[Any, Any, torch.Tensor], to
     return weighted
 
 
+def _named_loss(config: OptimConfig, **kwargs: Any) -> nn.Module:
+    """The named loss module, with ``class_weights`` as torch's ``weight`` when given."""
+    if config.class_weights is not None:
+        kwargs["weight"] = torch.tensor(config.class_weights, dtype=torch.float32)
+    return _LOSSES[str(config.loss)](**kwargs)
+
+
+def _check_class_weights(config: OptimConfig, prediction: torch.Tensor, loss: nn.Module) -> None:
+    """ConfigError unless there is one class weight per output column (class); moves the
+    weights to the prediction's device."""
+    weights = config.class_weights
+    if weights is None:
+        return
+    loss.to(prediction.device)
+    if prediction.dim() < 2 or prediction.shape[1] == len(weights):
+        return
+    raise ConfigError(
+        f"class_weights must hold one weight per class, got {len(weights)} weights for a model "
+        f"output of {prediction.shape[1]} classes (shape {tuple(prediction.shape)}). Give "
+        f"{prediction.shape[1]} weights"
+    )
+
+
 def build_optimizer(config: OptimConfig, params: Iterable[Any]) -> torch.optim.Optimizer:
-    """A named optimizer at ``learning_rate``, or the user's ``optimizer(params)``."""
+    """A named optimizer at ``learning_rate`` and ``weight_decay``, or the user's
+    ``optimizer(params)``."""
     if not isinstance(config.optimizer, str):
         return config.optimizer(params)
-    lr = config.learning_rate
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if config.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr)
-    return torch.optim.Adagrad(params, lr=lr)
+    named = {
+        "adam": torch.optim.Adam,
+        "adamw": torch.optim.AdamW,
+        "sgd": torch.optim.SGD,
+        "rmsprop": torch.optim.RMSprop,
+        "adagrad": torch.optim.Adagrad,
+    }[config.optimizer]
+    if config.weight_decay is None:  # the optimizer's own default (AdamW: 0.01, else 0)
+        return named(params, lr=config.learning_rate)
+    return named(params, lr=config.learning_rate, weight_decay=config.weight_decay)

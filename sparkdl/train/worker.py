@@ -21,8 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,13 +34,13 @@ from sparkdl.context import WorkerEnv, get_context
 from sparkdl.data.inputs import (
     batch_rows,
     call_model,
-    id_range_error,
     move_to,
     split_batch,
     zero_rows,
 )
 from sparkdl.data.loader import ShardedDataset
-from sparkdl.errors import CheckpointError, ConfigError, DataError, PeerLostError, is_peer_loss
+from sparkdl.errors import CheckpointError, ConfigError, DataError
+from sparkdl.knobs import check_strategy_knobs, early_stopping_mode
 from sparkdl.rundir.layout import RunLayout
 from sparkdl.rundir.model_dir import save_state_dict
 from sparkdl.sync import SyncStrategy
@@ -57,7 +55,11 @@ from sparkdl.train.components import (
     metric_sum,
 )
 from sparkdl.train.early_stopping import EarlyStopping
+from sparkdl.train.failures import inject, translated
 from sparkdl.train.metrics import MetricsLog
+from sparkdl.train.scores import MetricSet
+from sparkdl.train.stepping import Stepper, optimizer_steps
+from sparkdl.train.tally import Tally
 
 __all__ = ["WorkerResult", "run_worker", "train"]
 
@@ -109,6 +111,9 @@ class _Trainer:
         self.loss_fn = build_loss(spec.optim)
         self.row_loss_fn = build_row_loss(spec.optim)
         self.metric = metric_name(spec.optim)
+        extra = tuple(m for m in spec.optim.metrics if m != self.metric)
+        self.train_scores = MetricSet(extra, spec.optim.loss, self.device)
+        self.validation_scores = MetricSet(extra, spec.optim.loss, self.device)
         self.early_stopping = self._early_stopping()
         self.kept_metrics: dict[str, float] = {}
         self.loader = self.dataset.loader(
@@ -122,9 +127,12 @@ class _Trainer:
             transform=spec.transform_fn,
         )
         self._empty_batch: Any = None  # the inputs of a zero-row forward (see evaluate)
+        self._empty_labels: Any = None
         self.batch: Any = None
-        self.steps_per_epoch = len(self.loader)
-        if self.steps_per_epoch == 0:
+        self.batches_per_epoch = len(self.loader)
+        self.steps_per_epoch = optimizer_steps(self.batches_per_epoch, spec.optim.accumulate_steps)
+        """Optimizer steps per epoch (``step`` counts these; batches differ with accumulation)."""
+        if self.batches_per_epoch == 0:
             raise DataError(
                 f"batch_size must be at most the rows each worker holds, got {spec.optim.batch_size} "
                 f"with {self.dataset.num_rows} rows over {env.world_size} workers. "
@@ -134,10 +142,12 @@ class _Trainer:
         self.step = 0
         self.samples = 0
         self.train_seconds = 0.0
-        self.scheduler: Any = None  # an LR scheduler's slot in checkpoints
+        check_strategy_knobs(spec.optim, spec.sync.strategy, use_gpu=None)
+        self.stepper = Stepper(spec.optim, self.sync, self.device)
+        self.stepper.start(spec.optim.epochs * self.steps_per_epoch)
         self.checkpointer = Checkpointer(spec.run_dir, spec.checkpoint, env)
         self.faults = [f for f in spec.faults if f.rank == env.rank and f.attempt == env.attempt]
-        self.tally = _Tally(self.device)
+        self.tally = Tally(self.device)
         self.start_epoch = 0
         self.resumed_from_step: int | None = None
         self._position: dict[str, Any] | None = None
@@ -164,7 +174,10 @@ class _Trainer:
                 f"early_stopping_patience needs a validation split, got {patience} with a "
                 "dataset that has none. Set validation_fraction or validation_col"
             )
-        return EarlyStopping(patience)
+        watched = self.spec.optim.early_stopping_metric
+        return EarlyStopping(
+            patience, early_stopping_mode(watched, self.spec.optim.early_stopping_mode)
+        )
 
     def train_epoch(self, epoch: int) -> None:
         """(all ranks) One pass over this rank's rows; the same number of steps on every rank."""
@@ -177,7 +190,7 @@ class _Trainer:
             self.loader.set_epoch(epoch)
             self.tally.reset()
         every = self.spec.optim.log_every_steps
-        tally = self.tally
+        tally, stepper, group = self.tally, self.stepper, self.spec.optim.accumulate_steps
         consumed = self.loader.state_dict()["batches_consumed"]
         epoch_samples = 0
         bytes_before = self.strategy.comm_bytes
@@ -185,27 +198,36 @@ class _Trainer:
         for batch in self.loader:
             features, labels, weights = move_to(split_batch(batch), self.device, True)
             if self._empty_batch is None:
-                self._empty_batch = zero_rows(features)
-            self.batch = features  # what a failing step was fed (see _translated)
-            outputs = call_model(self.model, features)
-            loss = self._loss(outputs, labels, weights)
-            self._maybe_fail()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.sync.step()
-            self.step += 1
+                self._empty_batch, self._empty_labels = zero_rows(features), zero_rows(labels)
+            self.batch = features  # what a failing step was fed (see failures.translated)
             consumed += 1
+            # The batches of one optimizer step: all but the last skip gradient communication.
+            closes = consumed % group == 0 or consumed == self.batches_per_epoch
+            with stepper.micro_step(closes):
+                outputs = call_model(self.model, features)
+                loss = self._loss(outputs, labels, weights)
+                self._maybe_fail()
+                first = (consumed - 1) // group * group
+                stepper.backward(loss, min(group, self.batches_per_epoch - first))
             epoch_samples += batch_rows(labels)
             tally.window += loss.detach().double()
             tally.score += metric_sum(self.metric, outputs, labels)
+            self.train_scores.update(outputs, labels)
             tally.window_steps += 1
+            if not closes:
+                continue
+            tally.lr, norm = stepper.step()
+            self.step += 1
+            if norm is not None:
+                tally.grad_norm += norm.detach().double()
+                tally.norm_steps += 1
             if every and self.step % every == 0:
                 window_loss = float(tally.window)
                 tally.loss_sum += window_loss
                 self._report_window(epoch, window_loss, tally.window_steps)
                 tally.window.zero_()
                 tally.window_steps = 0
-            if self.checkpointer.due_in_epoch(self.step, consumed == self.steps_per_epoch):
+            if self.checkpointer.due_in_epoch(self.step, consumed == self.batches_per_epoch):
                 self.save_checkpoint(epoch, self.loader.state_dict(), samples=epoch_samples)
             self._report_progress(epoch, epoch_samples * self.env.world_size, start)
         epoch_loss = tally.loss_sum + float(tally.window)
@@ -215,7 +237,7 @@ class _Trainer:
         log.info(
             "epoch %d done: local loss %.5f, %.0f samples/s on this rank",
             epoch + 1,
-            epoch_loss / max(self.steps_per_epoch, 1),
+            epoch_loss / max(self.batches_per_epoch, 1),
             epoch_samples / max(seconds, 1e-9),
         )
         self.train_seconds += seconds
@@ -242,33 +264,61 @@ class _Trainer:
 
     def _record_epoch(self, epoch: int, seconds: float, sums: list[float]) -> None:
         """(all ranks) Cross-rank epoch metrics; the only collective of an asynchronous epoch."""
-        total_loss, total_samples, total_bytes, total_score, total_steps = all_reduce_sum(
-            [*sums, float(self.steps_per_epoch)], self.env
-        )
-        mean_loss = total_loss / max(total_steps, 1)
+        t = self.tally
+        norm = [t.epoch_grad_norm + float(t.grad_norm), t.epoch_norm_steps + t.norm_steps]
+        sums += [float(self.batches_per_epoch), float(self.steps_per_epoch), *norm]
+        reduced = all_reduce_sum(sums, self.env)
+        total_loss, total_samples, total_bytes, total_score, batches, steps = reduced[:6]
+        mean_loss = total_loss / max(batches, 1)
         self._check_finite(mean_loss, epoch)
         self.last_loss = mean_loss
         self.epochs_done = epoch + 1
-        if self.metric:  # running over the epoch's steps, like the loss (full batches: drop_last)
-            score = total_score / max(total_steps * self.spec.optim.batch_size, 1)
+        if self.metric:  # running over the epoch's batches, like the loss (full: drop_last)
+            score = total_score / max(batches * self.spec.optim.batch_size, 1)
             self.metrics.record(epoch, self.step, "train", self.metric, score)
+        if self.train_scores:
+            was_training = self.model.training
+            self._build_scores(self.train_scores)
+            self.model.train(was_training)
+            for name, value in self.train_scores.compute().items():
+                self.metrics.record(epoch, self.step, "train", name, value)
+        self._record_optimizer(epoch, reduced[7], reduced[6], epoch_end=True)
         self._report_progress(epoch, int(total_samples), 0.0, seconds=seconds, epoch_end=True)
         self.metrics.record(epoch, self.step, "train", "loss", mean_loss)
         self.metrics.record(
             epoch, self.step, "train", "samples_per_s", total_samples / max(seconds, 1e-9)
         )
-        # Bytes sent per worker per step this epoch, averaged over the workers.
+        # Bytes sent per worker per optimizer step this epoch, averaged over the workers, and
+        # per training row (accumulating k batches per step divides it by k).
         self.metrics.record(
-            epoch, self.step, "train", "comm_bytes_per_step", total_bytes / max(total_steps, 1)
+            epoch, self.step, "train", "comm_bytes_per_step", total_bytes / max(steps, 1)
+        )
+        self.metrics.record(
+            epoch, self.step, "train", "comm_bytes_per_sample", total_bytes / max(total_samples, 1)
         )
         for name, value in self.strategy.stats().items():
             self.metrics.record(epoch, self.step, "sync", name, value)
+
+    def _record_optimizer(
+        self, epoch: int, norm_steps: float, norm_sum: float, *, epoch_end: bool = False
+    ) -> None:
+        """(chief records) ``lr``, the learning rate the last step used (once per step), and
+        with clipping the mean pre-clip gradient norm over ``norm_steps`` steps and the ranks
+        (identical under DDP and FSDP; local SGD and the parameter server clip their own):
+        ``step_grad_norm`` per window of log_every_steps, ``grad_norm`` per epoch (as
+        ``step_loss`` and ``loss``)."""
+        every = self.spec.optim.log_every_steps
+        if not (epoch_end and every and self.step % every == 0):  # else recorded at this step
+            self.metrics.record(epoch, self.step, "train", "lr", self.tally.lr)
+        if self.spec.optim.grad_clip_norm and norm_steps:
+            name = "grad_norm" if epoch_end else "step_grad_norm"
+            self.metrics.record(epoch, self.step, "train", name, norm_sum / norm_steps)
 
     def _maybe_fail(self) -> None:
         """Fire a configured FaultInjection inside the step in progress (tests only)."""
         for fault in self.faults:
             if fault.step == self.step + 1:
-                _inject(fault)
+                inject(fault)
 
     def end_epoch(self, epoch: int) -> None:
         """(all ranks) Checkpoint when due (the chief flushes the epoch's metrics first)."""
@@ -287,7 +337,8 @@ class _Trainer:
         return {
             "model": None if sharded else self.strategy.module_to_save(),
             "optimizer": None if sharded else self.optimizer,
-            "scheduler": self.scheduler,
+            "scheduler": self.stepper.scheduler,
+            "scaler": self.stepper.scaler,
         }
 
     def save_checkpoint(self, epoch: int, position: dict[str, Any], samples: int) -> None:
@@ -358,13 +409,20 @@ class _Trainer:
         Asynchronous strategies report each rank's own loss: a collective here would make the
         fast workers wait for the slow ones every window.
         """
-        total, count = window_loss, float(window_steps)
+        t = self.tally
+        sums = [window_loss, float(window_steps), float(t.grad_norm), float(t.norm_steps)]
+        t.epoch_grad_norm += sums[2]  # this rank's own; summed over ranks at the epoch's end
+        t.epoch_norm_steps += sums[3]
+        t.grad_norm.zero_()
+        t.norm_steps = 0
         if self.strategy.synchronous:
-            total, count = all_reduce_sum([window_loss, float(window_steps)], self.env)
+            sums = all_reduce_sum(sums, self.env)
+        total, count, norm_sum, norm_steps = sums
         mean = total / max(count, 1)
         self._check_finite(mean, epoch)
         self.last_loss = mean
         self.metrics.record(epoch, self.step, "train", "step_loss", mean)
+        self._record_optimizer(epoch, norm_steps, norm_sum)
         if self.env.is_chief:
             log.info("epoch %d step %d loss %.5f (mean over ranks)", epoch + 1, self.step, mean)
 
@@ -404,8 +462,8 @@ class _Trainer:
                 "Lower learning_rate, scale features, or check labels for out-of-range values"
             )
 
-    def evaluate(self, epoch: int) -> float | None:
-        """(all ranks) Validation loss (and metric), reduced over ranks; None without a split."""
+    def evaluate(self, epoch: int) -> dict[str, float] | None:
+        """(all ranks) Validation loss and metrics, reduced over ranks; None without a split."""
         if self.dataset.manifest.splits.get("validation", 0) == 0:
             return None
         self.model.eval()
@@ -431,15 +489,33 @@ class _Trainer:
                 loss_sum += float(loss) * batch_rows(labels)
                 count += batch_rows(labels)
                 score += float(metric_sum(self.metric, outputs, labels))
+                self.validation_scores.update(outputs, labels)
             for _ in range(extra):
                 call_model(self.model, self._empty_inputs())
+            self._build_scores(self.validation_scores)
         loss_sum, count, score = all_reduce_sum([loss_sum, count, score], self.env)
+        extras = self.validation_scores.compute()
         if not count:
             return None
-        self.metrics.record(epoch, self.step, "validation", "loss", loss_sum / count)
+        values = {"loss": loss_sum / count}
         if self.metric:
-            self.metrics.record(epoch, self.step, "validation", self.metric, score / count)
-        return loss_sum / count
+            values[self.metric] = score / count
+        values.update(extras)
+        for name, value in values.items():
+            self.metrics.record(epoch, self.step, "validation", name, value)
+        return values
+
+    def _build_scores(self, scores: MetricSet) -> None:
+        """(all ranks, when extra metrics are asked for) Make sure every rank holds the metrics
+        before their cross-rank compute: a rank that saw no rows builds them from a zero-row
+        forward (which every rank runs then: a sharded forward is a collective)."""
+        if not scores:
+            return
+        if not all_reduce_max(0 if scores.metrics else 1, self.env):
+            return
+        with torch.no_grad():
+            outputs = call_model(self.model, self._empty_inputs())
+        scores.build(outputs, self._empty_labels)
 
     def _empty_inputs(self) -> Any:
         """Zero-row inputs of the kind the model takes (from a training batch)."""
@@ -452,20 +528,24 @@ class _Trainer:
                 prefetch_batches=0,
                 transform=self.spec.transform_fn,
             )
-            self._empty_batch = zero_rows(move_to(next(iter(loader))[0], self.device))
+            features, labels, _ = split_batch(next(iter(loader)))
+            self._empty_batch = zero_rows(move_to(features, self.device))
+            self._empty_labels = zero_rows(move_to(labels, self.device))
         return self._empty_batch
 
-    def should_stop(self, epoch: int, validation_loss: float | None) -> bool:
-        """(all ranks) Early stopping on the all-reduced validation loss.
+    def should_stop(self, epoch: int, validation: dict[str, float] | None) -> bool:
+        """(all ranks) Early stopping on the watched validation value (reduced over ranks).
 
-        Every rank sees the same reduced loss; the improvement vote is reduced too, so every
+        Every rank sees the same reduced value; the improvement vote is reduced too, so every
         rank snapshots the best weights (a collective for sharded strategies) and leaves the
         loop after the same epoch.
         """
         stopping = self.early_stopping
-        if stopping is None or validation_loss is None:
+        if stopping is None or validation is None:
             return False
-        (votes,) = all_reduce_sum([1.0 if stopping.improves(validation_loss) else 0.0], self.env)
+        watched = self.spec.optim.early_stopping_metric
+        value = validation[watched]
+        (votes,) = all_reduce_sum([1.0 if stopping.improves(value) else 0.0], self.env)
         state = None
         if votes:
             state = self.strategy.final_state_dict()  # the chief's copy; None on other ranks
@@ -473,12 +553,13 @@ class _Trainer:
                 state = copy.deepcopy(state)
         if votes:
             self.kept_metrics = dict(self.metrics.latest)  # what the kept weights scored
-        stop = stopping.update(epoch, validation_loss, improved=votes > 0, state=state)
+        stop = stopping.update(epoch, value, improved=votes > 0, state=state)
         if stop and self.env.is_chief:
             log.info(
-                "early stopping after epoch %d; keeping epoch %d (validation loss %.5f)",
+                "early stopping after epoch %d; keeping epoch %d (validation %s %.5f)",
                 epoch + 1,
                 (stopping.best_epoch or 0) + 1,
+                watched,
                 stopping.best_value,
             )
         return stop
@@ -521,74 +602,6 @@ class _Trainer:
         )
 
 
-class _Tally:
-    """Running totals of the epoch in progress on this rank; after a resume the chief's also hold
-    the whole group's totals from before the checkpoint (the other ranks' start from zero)."""
-
-    def __init__(self, device: torch.device) -> None:
-        # Losses accumulate on the device; reading them back (a sync on GPU) happens per window.
-        self.window = torch.zeros((), dtype=torch.float64, device=device)
-        self.score = torch.zeros((), dtype=torch.float64, device=device)  # correct or sq. error
-        self.window_steps = 0
-        self.loss_sum = 0.0
-
-    def reset(self) -> None:
-        self.window.zero_()
-        self.score.zero_()
-        self.window_steps = 0
-        self.loss_sum = 0.0
-
-    def restore(self, totals: dict[str, Any]) -> None:
-        self.window.fill_(float(totals.get("window", 0.0)))
-        self.score.fill_(float(totals.get("score", 0.0)))
-        self.window_steps = int(totals.get("window_steps", 0))
-        self.loss_sum = float(totals.get("loss_sum", 0.0))
-
-
-def _inject(fault: Any) -> None:
-    """Fail as ``fault`` says: exit, SIGKILL, raise, or hang (sleep until killed)."""
-    what = f"fault injection: rank {fault.rank} at step {fault.step}, attempt {fault.attempt}"
-    log.warning("sparkdl: %s (%s)", what, fault.mode)
-    if fault.mode == "exit":
-        os._exit(1)
-    if fault.mode == "sigkill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if fault.mode == "raise":
-        raise RuntimeError(what)
-    while True:  # "hang": only the group's teardown ends this process
-        time.sleep(3600)
-
-
-_UNUSED_PARAMETERS = "Expected to have finished reduction in the prior iteration"
-
-
-def _translated(exc: BaseException, trainer: _Trainer) -> BaseException:
-    """A failure in sparkdl's words: a lost collective → PeerLostError saying where this rank was
-    and what bound applied; DDP's unused-parameter error → ConfigError naming the option."""
-    if _UNUSED_PARAMETERS in str(exc):
-        return ConfigError(
-            f"every parameter of the model must get a gradient in each step under "
-            f"strategy='allreduce' (DistributedDataParallel), got parameters unused by forward "
-            f"at epoch {trainer.epoch + 1}, step {trainer.step}. Pass "
-            "strategy_options={'find_unused_parameters': True} (a little slower), or "
-            "static_graph=True when the same parameters are unused in every step, or remove "
-            "the unused parameters"
-        )
-    named = id_range_error(exc, trainer.batch, trainer.dataset.manifest.inputs)
-    if named is not None:
-        return named
-    if isinstance(exc, PeerLostError) or not is_peer_loss(exc):
-        return exc
-    name = type(exc).__name__
-    return PeerLostError(
-        f"rank {trainer.env.rank} of {trainer.env.world_size} lost its group at epoch "
-        f"{trainer.epoch + 1}, step {trainer.step}: a collective did not complete within "
-        f"collective_timeout_s={trainer.env.timeout_s:g} s, or a peer closed its connection "
-        f"(another rank died, hung or failed; its own error, if it reported one, comes "
-        f"first). {name}: {str(exc).strip()[:500]}"
-    )
-
-
 def run_worker(spec: TrainSpec, env: WorkerEnv) -> WorkerResult:
     """(all ranks) Train ``spec`` as rank ``env.rank`` of ``env.world_size``; returns a small record.
 
@@ -604,8 +617,8 @@ def run_worker(spec: TrainSpec, env: WorkerEnv) -> WorkerResult:
             if stop:
                 break
     except Exception as exc:
-        translated = _translated(exc, trainer)
-        if translated is exc:
+        mapped = translated(exc, trainer)
+        if mapped is exc:
             raise
-        raise translated from exc
+        raise mapped from exc
     return trainer.finish()
