@@ -29,6 +29,7 @@ def check_model_on_driver(
 
     from sparkdl.data.inputs import call_model, split_batch
     from sparkdl.train.components import build_loss, build_row_loss, metric_name, metric_sum
+    from sparkdl.train.scores import MetricSet
 
     rows = min(4, dataset.num_rows)
     loader = dataset.loader(
@@ -59,6 +60,9 @@ def check_model_on_driver(
                 build_row_loss(configs.optim)(outputs, labels, weights)
             if not isinstance(labels, tuple):
                 metric_sum(metric_name(configs.optim), outputs, labels)
+                MetricSet(configs.optim.metrics, configs.optim.loss, torch.device("cpu")).update(
+                    outputs, labels
+                )
     except ConfigError as exc:
         raise ConfigError(f"{exc} (found on {batch}, before launch)") from exc
     except Exception as exc:
