@@ -66,7 +66,7 @@ def test_rank_raising_fails_fast_then_resume_continues_with_one_worker(frame, tm
     assert time.monotonic() - start < 300  # no hang: well under Spark's own waits
     error = info.value
     assert error.ranks[0] == 1 and "fault injection: rank 1 at step 17" in error.failures[0].message
-    assert "Traceback" in error.failures[0].traceback and "_inject" in error.failures[0].traceback
+    assert "Traceback" in error.failures[0].traceback and "in inject" in error.failures[0].traceback
     assert _run_json(run_dir)["status"] == "failed"
     assert not os.path.exists(run_dir / "model" / "state_dict.pt")
     assert ckpt.latest_step(str(run_dir)) == 15
