@@ -43,7 +43,10 @@ __all__ = [
     "DEVICES",
     "INLINE_MAX_BYTES",
     "ShippedModule",
+    "arrays_from_pandas",
     "features_from_arrays",
+    "input_names",
+    "predict_arrays",
     "predict_dataframe",
     "ship_module",
 ]
@@ -230,12 +233,15 @@ class _Plan:
 class _Predictor:
     """(executor) One task's predictor: the cached module on its device, batch in → outputs."""
 
-    def __init__(self, plan: _Plan) -> None:
+    def __init__(self, plan: _Plan, module: Any = None) -> None:
         self.plan = plan
         self.device = _device(plan.device)
         if self.device.type == "cpu":
             _cpu_threads()
-        self.module = _cached_module(plan.shipped, self.device)
+        if module is not None:  # in this process (predict_arrays), not shipped
+            self.module = module.to(self.device).eval()
+        else:
+            self.module = _cached_module(plan.shipped, self.device)
 
     def _outputs(self, arrays: Sequence[pa.Array]) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(first row, end row, prediction tensor) of each forward pass over ``arrays``."""
@@ -469,7 +475,7 @@ def predict_dataframe(
     if inputs:
         from sparkdl.data.named_columns import inference_exprs
 
-        names = tuple(dict.fromkeys(c for spec in inputs for c in spec.columns))
+        names = input_names(feature_cols, inputs)
         exprs = inference_exprs({f.name: f.dataType for f in df.schema.fields}, tuple(inputs))
     else:
         names = tuple(feature_cols)
@@ -494,3 +500,71 @@ def predict_dataframe(
     if use_arrow_udf:
         return _with_arrow_udf(df, exprs, plan, outputs)
     return _with_map_in_arrow(df, exprs, plan, outputs)
+
+
+def input_names(feature_cols: Sequence[str], inputs: Sequence[InputSpec] = ()) -> tuple[str, ...]:
+    """The columns prediction reads, in order: every column the named ``inputs`` name (each
+    once), else ``feature_cols``."""
+    if inputs:
+        return tuple(dict.fromkeys(c for spec in inputs for c in spec.columns))
+    return tuple(feature_cols)
+
+
+# --- in this process (the MLflow pyfunc model) ---------------------------------------------------
+
+
+def arrays_from_pandas(frame: Any, names: Sequence[str]) -> list[pa.Array]:
+    """Arrow arrays of ``frame``'s (a pandas DataFrame) columns ``names``, as transform's UDF
+    gets them: numbers as they are, arrays (lists, numpy arrays, ML vectors) as Arrow lists.
+
+    Raises DataError naming a missing column.
+    """
+    missing = [name for name in names if name not in frame.columns]
+    if missing:
+        raise DataError(
+            f"feature column {missing[0]!r} must exist in the input, got columns "
+            f"{list(frame.columns)} (missing: {missing}). Pass the columns the model was "
+            "trained on"
+        )
+    arrays = []
+    for name in names:
+        values = frame[name]
+        if values.dtype != object:
+            arrays.append(pa.array(values.to_numpy()))
+            continue
+        cells = [v.toArray() if hasattr(v, "toArray") else v for v in values]  # ML vectors
+        arrays.append(pa.array([np.asarray(c) if isinstance(c, list) else c for c in cells]))
+    return arrays
+
+
+def predict_arrays(
+    module: Any,
+    arrays: Sequence[pa.Array],
+    names: Sequence[str],
+    *,
+    classification: bool,
+    expected_dim: int | None = None,
+    batch_size: int = 1024,
+    with_probability: bool = False,
+    device: str = "auto",
+    inputs: Sequence[InputSpec] = (),
+    transform: Any = None,
+    with_raw: bool = False,
+) -> tuple[pa.Array, list[pa.Array]]:
+    """(any process) What :func:`predict_dataframe`'s executors compute for one Arrow batch,
+    here, with ``module`` itself: the predictions (double), then the probabilities and the raw
+    outputs (array<float>) when asked for. ``arrays`` are the columns ``names`` (see
+    :func:`input_names`). Raises DataError for bad input, as transform does."""
+    plan = _Plan(
+        ShippedModule("local"),
+        tuple(names),
+        expected_dim,
+        classification,
+        batch_size,
+        with_probability,
+        device,
+        tuple(inputs),
+        transform if inputs else None,
+        with_raw,
+    )
+    return _Predictor(plan, module)(arrays)

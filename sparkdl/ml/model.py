@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pyspark.ml.base import Model
 from pyspark.ml.util import MLReadable, MLWritable
 
@@ -22,7 +23,15 @@ from sparkdl.artifacts import RunDirectory
 from sparkdl.config import ModelSpec
 from sparkdl.data.input_specs import InputSpec, check_feature_cols, specs_from_json, specs_to_json
 from sparkdl.errors import ConfigError
-from sparkdl.ml.inference import DEVICES, ShippedModule, predict_dataframe, ship_module
+from sparkdl.ml.inference import (
+    DEVICES,
+    ShippedModule,
+    arrays_from_pandas,
+    input_names,
+    predict_arrays,
+    predict_dataframe,
+    ship_module,
+)
 from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_list, with_params
 from sparkdl.ml.persistence import ParamsPersistence, untrusted_error
 from sparkdl.rundir.layout import RunLayout
@@ -200,6 +209,38 @@ class TorchModel(TableParams, Model, ParamsPersistence, MLWritable, MLReadable["
             transform=self.get("inference_transform_fn"),
             raw_col=self.get("output_col") or None,
         )
+
+    def predict_pandas(self, frame: Any) -> Any:
+        """``transform`` for a pandas DataFrame, in this process (no Spark): a pandas DataFrame
+        with the same index and the columns transform appends (``prediction_col``, and
+        ``probability_col`` / ``output_col`` when set, as numpy arrays per row). The MLflow
+        model (``mlflow=...``) predicts with it. Raises ConfigError without a module, DataError
+        for a missing column or bad values (as transform does).
+        """
+        import pandas as pd
+
+        if self._module is None:
+            raise ConfigError("module must be set to predict, got None. Pass the torch module")
+        names = input_names(self.get("feature_cols"), self.inputs)
+        probability_col, raw_col = self.get("probability_col"), self.get("output_col")
+        predictions, extras = predict_arrays(
+            self._module,
+            arrays_from_pandas(frame, names),
+            names,
+            classification=self.classification,
+            expected_dim=self.feature_dim,
+            batch_size=self.get("inference_batch_size"),
+            with_probability=bool(self.classification and probability_col),
+            device=self.get("inference_device"),
+            inputs=self.inputs,
+            transform=self.get("inference_transform_fn"),
+            with_raw=bool(raw_col),
+        )
+        columns = {self.get("prediction_col"): predictions.to_numpy(zero_copy_only=False)}
+        extra_names = [probability_col] if self.classification and probability_col else []
+        for name, values in zip(extra_names + ([raw_col] if raw_col else []), extras):
+            columns[name] = list(np.asarray(v, dtype=np.float32) for v in values.to_pylist())
+        return pd.DataFrame(columns, index=frame.index)
 
     # --- persistence -------------------------------------------------------------------------
 
