@@ -46,6 +46,7 @@ from sparkdl.ml.driver_check import check_model_on_driver
 from sparkdl.ml.model import OUTPUT_PARAMS, TorchModel, check_output_params
 from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_dict, as_list, with_params
 from sparkdl.ml.persistence import ParamsPersistence
+from sparkdl.ml.tracking import FitTracker, MlflowConfig, require_mlflow
 from sparkdl.rundir.model_dir import load_module, write_model_json
 from sparkdl.session import spark_side
 from sparkdl.train.components import is_classification
@@ -149,6 +150,9 @@ ESTIMATOR_PARAMS: tuple[ParamSpec, ...] = (
     P("driver_check", True, "before launch, build the model on the driver and run one forward "
       "and loss pass on a few training rows (CPU): shape, dtype, label and output mistakes "
       "become a ConfigError in seconds; False for models too large to build on the driver"),
+    P("mlflow", False, "track the fit in MLflow (the driver logs one run: Params, metrics, "
+      "run.json, plots, the model): True, or a dict with tracking_uri, experiment, run_name, "
+      "log_model (README, Tracking with MLflow); needs the mlflow extra"),
     *OUTPUT_PARAMS,
 )
 # fmt: on
@@ -213,6 +217,7 @@ def _check_estimator_values(v: dict[str, Any]) -> None:
     expect_int("max_restarts", v["max_restarts"], "Use 0 to never restart", low=0)
     check_on_invalid(v["on_invalid"])
     FaultInjection.coerce(v["fault_injection"])
+    MlflowConfig.coerce(v.get("mlflow"))
 
 
 @with_params(ESTIMATOR_PARAMS)
@@ -402,6 +407,8 @@ class TorchEstimator(
 
         data = dataset
         self._validate()  # fit(df, params) fits a copy whose extra params were not checked
+        if MlflowConfig.coerce(self.get("mlflow")) is not None:
+            require_mlflow()
         configs = self._configs()
         self._check_validation(data)
         self._check_labels(data)
@@ -422,6 +429,7 @@ class TorchEstimator(
         run = RunDirectory(self.get("run_dir"))
         resuming = run.prepare(overwrite=self.get("overwrite"), resume=self.get("resume"))
         run.start(self.describe(), world_size=num_workers)
+        tracker = FitTracker.start(self.get("mlflow"), estimator=self, run=run)
         run_name = run.layout.name
         try:
             phase = job_description(run_name, "materialize")
@@ -475,6 +483,7 @@ class TorchEstimator(
         except BaseException as exc:
             timings["total_s"] = time.perf_counter() - start
             run.fail(exc, timings)
+            tracker.fail(run, exc)
             raise
         timings["total_s"] = time.perf_counter() - start
         chief = results[0]
@@ -492,7 +501,9 @@ class TorchEstimator(
             },
         )
         run.write_plots(best_epoch=chief.best_epoch)
-        return self._model(run, dataset, configs)
+        model = self._model(run, dataset, configs)
+        tracker.finish(run, model, data, step=chief.steps)
+        return model
 
     def _model(self, run: RunDirectory, dataset: ShardedDataset, configs: _Configs) -> TorchModel:
         hint = None if configs.model.import_path else configs.model.factory
