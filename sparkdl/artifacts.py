@@ -166,6 +166,12 @@ class RunDirectory:
         self._record["timings"].update(timings)
         self._write()
 
+    def annotate(self, **fields: Any) -> None:
+        """Add (or replace) top-level fields of run.json, e.g. ``mlflow``: where a tracking
+        server holds this run."""
+        self._record.update(fields)
+        self._write()
+
     def fail(self, error: BaseException, timings: dict[str, float]) -> None:
         """Record failure with the error's type and text."""
         self._record.update(

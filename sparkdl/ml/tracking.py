@@ -226,6 +226,7 @@ class FitTracker:
         if tracker.config is not None and not tracker._guard("start the run", tracker._open, run):
             tracker.config = None
         if tracker.config is not None:
+            tracker._guard("record the run in run.json", tracker._annotate, run)
             tracker._guard("log the params", tracker._log_params, estimator)
             tracker._guard("log the tags", tracker._log_tags, _start_tags(estimator, run))
         return tracker
@@ -240,8 +241,10 @@ class FitTracker:
             return
         self._log_outcome(run, "succeeded")
         assert self.config is not None
-        if self.config.log_model:
-            self._guard("log the model", self._log_model, model, data, step)
+        if self.config.log_model and self._guard(
+            "log the model", self._log_model, model, data, step
+        ):
+            self._guard("record the model in run.json", self._annotate, run)
         if self.owned:
             self._guard("end the run", self._client.set_terminated, self.run_id, "FINISHED")
 
@@ -312,6 +315,13 @@ class FitTracker:
         created = self._client.create_run(experiment_id, tags=_context_tags(tags), run_name=name)
         self.run_id, self.owned = created.info.run_id, True
         log.info("sparkdl: logging to MLflow run %s (%s)", self.run_id, name)
+
+    def _annotate(self, run: RunDirectory) -> None:
+        """run.json's ``mlflow``: the store, the run and (once logged) the model's URI."""
+        record = {"tracking_uri": redact(str(self.uri)), "run_id": self.run_id}
+        if self.model_uri:
+            record["model_uri"] = self.model_uri
+        run.annotate(mlflow=record)
 
     def _experiment_id(self, parent: Any, same_store: bool) -> str:
         assert self.config is not None

@@ -92,7 +92,13 @@ def test_fit_logs_one_run_with_params_metrics_tags_artifacts_and_a_model(
 
     # The logged model: pyfunc predict(pandas) == transform on the same rows.
     rows = test.limit(40).toPandas()
-    loaded = mlflow.pyfunc.load_model(tags["sparkdl.model_uri"])
+    tracked = model.summary["mlflow"]  # run.json names the MLflow run and model
+    assert tracked == {
+        "tracking_uri": store,
+        "run_id": run.info.run_id,
+        "model_uri": tags["sparkdl.model_uri"],
+    }
+    loaded = mlflow.pyfunc.load_model(tracked["model_uri"])
     assert [c.name for c in loaded.metadata.get_input_schema().inputs] == ["features"]
     got = loaded.predict(rows[["features"]])
     expected = model.transform(test.limit(40)).toPandas()
@@ -147,6 +153,24 @@ def test_restart_keeps_one_run_and_one_value_per_step(frame, fault_setup, store,
     expected = rows[rows.name == "step_loss"].sort_values("step")
     got = _history(client, run.info.run_id, "train/step_loss")
     assert [v for _, v in got] == list(expected.value)
+
+
+def test_failed_fit_ends_its_run_failed_with_what_it_recorded(frame, fault_setup, store, tmp_path):
+    from sparkdl.errors import WorkerGroupError
+
+    fault = {"rank": 1, "step": 7, "attempt": 0, "mode": "raise"}  # after the checkpoint at 5
+    est = fault_setup.estimator(
+        tmp_path / "run", fault_injection=fault, max_restarts=0, mlflow=True
+    )
+    with pytest.raises(WorkerGroupError):
+        est.fit(frame)
+    (run,) = _runs(store)
+    tags = run.data.tags
+    assert run.info.status == "FAILED" and tags["sparkdl.status"] == "failed"
+    assert tags["sparkdl.error"] == "WorkerGroupError" and tags["sparkdl.attempts"] == "1"
+    assert "sparkdl.model_uri" not in tags and "train/step_loss" in run.data.metrics
+    client = mlflow.MlflowClient(store)
+    assert "run.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_unreachable_server_is_a_warning_and_the_fit_succeeds(
