@@ -28,6 +28,8 @@ __all__ = [
     "LocalSGDOptions",
     "ParameterServerOptions",
     "FSDPOptions",
+    "PipelineOptions",
+    "PIPELINE_SCHEDULES",
     "STRATEGY_OPTIONS",
     "CheckpointConfig",
     "FaultInjection",
@@ -38,7 +40,8 @@ __all__ = [
 
 LOSSES = ("cross_entropy", "mse", "l1", "smooth_l1", "bce_with_logits", "nll")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
-STRATEGIES = ("allreduce", "local_sgd", "parameter_server", "fsdp")
+STRATEGIES = ("allreduce", "local_sgd", "parameter_server", "fsdp", "pipeline")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 COMPRESSIONS = ("fp16", "bf16", "powersgd")
 FAULT_MODES = ("exit", "sigkill", "raise", "hang")
 
@@ -326,11 +329,116 @@ class FSDPOptions:
         _positive_int("min_unit_params", self.min_unit_params, "Use e.g. 100000", allow_zero=True)
 
 
+@dataclass(frozen=True, kw_only=True)
+class PipelineOptions:
+    """``strategy="pipeline"``: the model cut by layers into stages, each rank trains one;
+    ``num_workers = stages × replicas`` (the replicas of a stage all-reduce its gradients)."""
+
+    stages: int | None = None
+    """Pipeline stages (≥ 2); None: num_workers (one pipeline, no replicas). num_workers must
+    be a multiple of it."""
+    microbatches: int | None = None
+    """Microbatches each batch is cut into (None: 2 × stages). Must divide batch_size, the rows
+    one pipeline replica takes per step; "1f1b" needs at least ``stages`` of them."""
+    schedule: str = "1f1b"
+    """"gpipe" (every microbatch's forward, then every backward) or "1f1b" (after a warm-up,
+    one forward then one backward: at most ``stages`` microbatches' activations held)."""
+    split_points: tuple[str, ...] | None = None
+    """Names of the modules to cut before, in order, ``stages - 1`` of them (e.g.
+    ``["layers.4", "layers.8"]``; a name inside a child must be inside ``nn.Sequential``s).
+    None: cut the model's top-level children into ``stages`` runs balanced by parameter count
+    (see sparkdl.sync.pipeline_split)."""
+
+    def __post_init__(self) -> None:
+        if self.stages is not None:
+            if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 2:
+                raise fail(
+                    "stages",
+                    "an integer ≥ 2 (one stage is the whole model on every rank: no pipeline)",
+                    self.stages,
+                    'Use stages=2 or more, or strategy="allreduce" to replicate the model',
+                )
+        if self.microbatches is not None:
+            _positive_int("microbatches", self.microbatches, "Use e.g. microbatches=4")
+        expect_choice("schedule", self.schedule, PIPELINE_SCHEDULES, 'Use schedule="1f1b"')
+        points = self.split_points
+        if points is not None:
+            if isinstance(points, str) or not isinstance(points, (list, tuple)):
+                raise fail(
+                    "split_points", "a list of module names", points, 'Use e.g. ["layers.4"]'
+                )
+            if not points or not all(isinstance(p, str) and p for p in points):
+                raise fail(
+                    "split_points",
+                    "a non-empty list of module names (None: the automatic split)",
+                    points,
+                    'Use e.g. ["layers.4"], or leave it out',
+                )
+            if len(set(points)) != len(points):
+                raise fail("split_points", "distinct names", points, "Drop the repeated name")
+            object.__setattr__(self, "split_points", tuple(points))
+            if self.stages is not None and len(points) != self.stages - 1:
+                raise fail(
+                    "split_points",
+                    f"stages - 1 = {self.stages - 1} names (each cut adds a stage)",
+                    list(points),
+                    f"Name {self.stages - 1} cut points, or use stages={len(points) + 1}",
+                )
+        if self.stages is not None and self.microbatches is not None:
+            self.resolved(self.stages)
+
+    def resolved(self, num_workers: int, batch_size: int | None = None) -> tuple[int, int]:
+        """(stages, microbatches) for ``num_workers`` ranks; ConfigError naming the numbers when
+        they do not fit (workers not a multiple of stages, microbatches not dividing the batch)."""
+        stages = self.stages or num_workers
+        if stages < 2:
+            raise fail(
+                "num_workers",
+                '≥ 2 for strategy="pipeline" (its stages default to num_workers)',
+                num_workers,
+                'Use num_workers ≥ 2, or strategy="allreduce" for a single worker',
+            )
+        if num_workers % stages:
+            raise fail(
+                "num_workers",
+                f"a multiple of stages={stages} (num_workers = stages × replicas)",
+                num_workers,
+                f"Use num_workers={stages * max(num_workers // stages, 1)} or a stages that "
+                f"divides {num_workers}",
+            )
+        if self.split_points is not None and len(self.split_points) != stages - 1:
+            raise fail(
+                "split_points",
+                f"stages - 1 = {stages - 1} names (stages={stages})",
+                list(self.split_points),
+                f"Name {stages - 1} cut points, or set stages={len(self.split_points) + 1}",
+            )
+        microbatches = self.microbatches or 2 * stages
+        if self.schedule == "1f1b" and microbatches < stages:
+            raise fail(
+                "microbatches",
+                f'≥ stages={stages} with schedule="1f1b"',
+                microbatches,
+                f'Use microbatches={stages} or more, or schedule="gpipe"',
+            )
+        if batch_size is not None and batch_size % microbatches:
+            divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+            raise fail(
+                "microbatches",
+                f"a divisor of batch_size={batch_size} (the rows one pipeline replica takes "
+                "per step, cut into equal microbatches)",
+                microbatches,
+                f"Use one of {divisors[:6]} or a batch_size that is a multiple of {microbatches}",
+            )
+        return stages, microbatches
+
+
 STRATEGY_OPTIONS: dict[str, type] = {
     "allreduce": AllReduceOptions,
     "local_sgd": LocalSGDOptions,
     "parameter_server": ParameterServerOptions,
     "fsdp": FSDPOptions,
+    "pipeline": PipelineOptions,
 }
 """Each strategy's options class: the keys ``strategy_options`` accepts for it."""
 
@@ -344,7 +452,8 @@ class SyncConfig:
     """How workers synchronize (one switch: ``strategy``) and that strategy's options."""
 
     strategy: str = "allreduce"
-    """One of STRATEGIES: "allreduce" (DDP), "local_sgd", "parameter_server" or "fsdp"."""
+    """One of STRATEGIES: "allreduce" (DDP), "local_sgd", "parameter_server", "fsdp" or
+    "pipeline"."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Options of the strategy, the fields of its class in STRATEGY_OPTIONS (e.g.
     ``{"compression": "fp16"}`` for allreduce); validated here, on the driver."""
@@ -393,8 +502,9 @@ class SyncConfig:
                     )
         return cls(**dict(self.options))
 
-    def check_world_size(self, num_workers: int) -> None:
-        """Checks that need the worker count (run on the driver before launching)."""
+    def check_world_size(self, num_workers: int, batch_size: int | None = None) -> None:
+        """Checks that need the worker count (and, for "pipeline", the batch size): run on the
+        driver before launching."""
         if self.strategy == "fsdp" and num_workers < 2:
             raise fail(
                 "num_workers",
@@ -410,6 +520,8 @@ class SyncConfig:
                 opts.num_servers,
                 "Lower num_servers",
             )
+        if self.strategy == "pipeline":
+            opts.resolved(num_workers, batch_size)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,7 @@ _IMPLEMENTATIONS = {
     "local_sgd": "sparkdl.sync.local_sgd:LocalSGDStrategy",
     "parameter_server": "sparkdl.sync.parameter_server:ParameterServerStrategy",
     "fsdp": "sparkdl.sync.fsdp:FSDPStrategy",
+    "pipeline": "sparkdl.sync.pipeline:PipelineStrategy",
 }
 
 

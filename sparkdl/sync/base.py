@@ -2,9 +2,11 @@
 
 A strategy owns how gradients or parameters travel between ranks. The training loop (and
 :func:`sparkdl.sync.prepare` for your own loop) calls, in order: ``wrap`` once,
-``build_optimizer`` once; per step ``forward``/``backward`` on the wrapped module,
-``before_step`` (gradients are final after it), ``optimizer.step()``, ``after_step``; at epoch
-ends ``synchronize``; at the end ``final_state_dict`` then ``teardown``.
+``build_optimizer`` once; per step ``forward``/``backward`` on the wrapped module (or, where
+``runs_schedule`` — the pipeline, whose forward and backward interleave across ranks —
+``train_step``), ``before_step`` (gradients are final after it), ``optimizer.step()``,
+``after_step``; at epoch ends ``synchronize``; at the end ``final_state_dict`` then
+``teardown``. ``data_shard`` says which slice of the data a rank reads.
 Every hook that communicates is called by all ranks the same number of times.
 
 ``comm_bytes`` counts the bytes this rank puts on the wire, counted where the strategy hands a
@@ -49,6 +51,10 @@ def wire_bytes(collective: str, payload_bytes: int, world_size: int) -> int:
     raise ValueError(f"unknown collective {collective!r}")
 
 
+def _score(score_fn: Any, outputs: Any, labels: Any) -> torch.Tensor:
+    return torch.zeros(()) if score_fn is None else score_fn(outputs, labels)
+
+
 class SyncStrategy:
     """Base strategy: a world of one, no communication. Subclasses override what they need."""
 
@@ -60,6 +66,14 @@ class SyncStrategy:
     through :meth:`save_checkpoint` / :meth:`load_checkpoint` on every rank, not through the
     chief's ``module_to_save()`` and optimizer ``state_dict()``."""
 
+    runs_schedule = False
+    """True when the strategy runs forward and backward itself (:meth:`train_step`,
+    :meth:`eval_step`): calling the wrapped module is then not a step (the pipeline)."""
+
+    counts_rows = True
+    """False on ranks whose rows another rank of the same data slice counts already (the
+    pipeline's later stages): samples are summed over ranks."""
+
     def __init__(self, env: WorkerEnv, options: Any = None) -> None:
         self.env = env
         self.options = options
@@ -70,9 +84,15 @@ class SyncStrategy:
         self._module: nn.Module | None = None
         self._wrapped: nn.Module | None = None
 
-    def count(self, collective: str, payload_bytes: int) -> None:
-        """Add one transfer to ``comm_bytes`` (thread-safe: hooks and server threads call it)."""
-        sent = wire_bytes(collective, int(payload_bytes), self.env.world_size)
+    @property
+    def data_shard(self) -> tuple[int, int]:
+        """(index, count) of the data slice this rank reads: one per rank by default."""
+        return self.env.rank, self.env.world_size
+
+    def count(self, collective: str, payload_bytes: int, world_size: int | None = None) -> None:
+        """Add one transfer to ``comm_bytes`` (thread-safe: hooks and server threads call it);
+        ``world_size``: the group's size, when the collective runs on a subgroup."""
+        sent = wire_bytes(collective, int(payload_bytes), world_size or self.env.world_size)
         with self._count_lock:
             self.comm_bytes += sent
 
@@ -102,6 +122,38 @@ class SyncStrategy:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         full_tensor = getattr(norm, "full_tensor", None)  # a DTensor (FSDP2): the global norm
         return full_tensor() if callable(full_tensor) else norm
+
+    def train_step(
+        self,
+        inputs: Any,
+        labels: Any,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        score_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(all ranks) Forward and backward of one batch: ``loss_fn(module(inputs), labels)``;
+        returns the loss (detached) and ``score_fn(outputs, labels)`` (0 without one)."""
+        from sparkdl.data.inputs import call_model
+
+        assert self._wrapped is not None, "wrap() first"
+        outputs = call_model(self._wrapped, inputs)
+        loss = loss_fn(outputs, labels)
+        loss.backward()
+        return loss.detach(), _score(score_fn, outputs, labels)
+
+    def eval_step(
+        self,
+        inputs: Any,
+        labels: Any,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        score_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(all ranks) :meth:`train_step` without gradients (call it under ``torch.no_grad()``)."""
+        from sparkdl.data.inputs import call_model
+
+        assert self._wrapped is not None, "wrap() first"
+        outputs = call_model(self._wrapped, inputs)
+        loss = loss_fn(outputs, labels)
+        return loss.detach(), _score(score_fn, outputs, labels)
 
     def before_step(self, step: int) -> None:
         """(all ranks) Called after backward, before optimizer.step()."""

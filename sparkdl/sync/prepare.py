@@ -16,10 +16,29 @@ the same object, so both behave alike::
         return sync.comm_bytes
 
     sparkdl.Distributor(num_workers=2).run(train_fn)
+
+With ``strategy="pipeline"`` each rank holds one stage of the model, so a step is not
+``module(x)`` then ``loss.backward()`` (forward and backward interleave across the stages'
+ranks, microbatch by microbatch): call ``sync.train_step(x, y, loss_fn)`` instead, on every rank
+with the same batch — the rows of ``sync.data_shard`` (replica index, replicas: every stage of
+a replica reads the same rows). It returns the batch's mean loss (the last stage's, the same on
+every rank); ``loss_fn`` must average over rows::
+
+        sync = sparkdl.sync.prepare(model, strategy="pipeline", stages=2, microbatches=4,
+                                    optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+        replica, replicas = sync.data_shard
+        for x, y in my_batches(replica, replicas):   # batch rows: a multiple of microbatches
+            sync.optimizer.zero_grad()
+            loss, _ = sync.train_step(x, y, torch.nn.functional.cross_entropy)
+            sync.step()                    # averages each stage's gradients over replicas
+
+``train_step`` works with every strategy (forward, loss, backward), and ``eval_step`` is its
+forward-only twin (under ``torch.no_grad()``; for the pipeline, any number of rows).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,7 +57,8 @@ class Prepared:
     def __init__(self, strategy: SyncStrategy, module: nn.Module, optimizer: Any) -> None:
         self.strategy = strategy
         self.module = module
-        """The module to train (wrapped by the strategy: DDP, FSDP, or the module itself)."""
+        """The module to train (wrapped by the strategy: DDP, FSDP, the module itself, or the
+        pipeline's stage of it)."""
         self.optimizer: torch.optim.Optimizer = optimizer
         """Zero its gradients as usual; step through :meth:`step`."""
         self.steps = 0
@@ -71,6 +91,33 @@ class Prepared:
         """(all ranks) ``with sync.no_sync():`` around the forward and backward of a batch whose
         gradients accumulate into the next one's (gradient accumulation): no communication."""
         return self.strategy.no_sync()
+
+    def train_step(
+        self,
+        inputs: Any,
+        labels: Any,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        score_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(all ranks) Forward and backward of one batch; (loss, ``score_fn(outputs, labels)``
+        or 0). Zero the gradients before and :meth:`step` after, as with ``backward()``."""
+        return self.strategy.train_step(inputs, labels, loss_fn, score_fn)
+
+    def eval_step(
+        self,
+        inputs: Any,
+        labels: Any,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        score_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(all ranks) Forward only (under ``torch.no_grad()``): (loss, score or 0)."""
+        return self.strategy.eval_step(inputs, labels, loss_fn, score_fn)
+
+    @property
+    def data_shard(self) -> tuple[int, int]:
+        """(index, count): the slice of the data this rank reads (the pipeline's ranks of one
+        replica share one)."""
+        return self.strategy.data_shard
 
     def synchronize(self) -> None:
         """(all ranks) Bring this rank's module to the model of record (e.g. to evaluate)."""
@@ -133,12 +180,13 @@ def prepare(
 
     Args:
         module: the model (moved to this worker's device).
-        strategy: "allreduce", "local_sgd", "parameter_server" or "fsdp".
+        strategy: "allreduce", "local_sgd", "parameter_server", "fsdp" or "pipeline" (then
+            step with :meth:`Prepared.train_step`, see the module docstring).
         optimizer: ``optimizer(params) -> torch.optim.Optimizer``, e.g.
             ``functools.partial(torch.optim.Adam, lr=1e-3)``; the strategy decides which
             parameters it gets (FSDP's shards, the servers' copies, …).
         **options: the strategy's options (sparkdl.config.STRATEGY_OPTIONS), e.g.
-            ``compression="fp16"``, ``sync_every=8``, ``max_staleness=4``.
+            ``compression="fp16"``, ``sync_every=8``, ``max_staleness=4``, ``stages=2``.
 
     Raises ConfigError for an unknown strategy or option, before anything communicates.
     """

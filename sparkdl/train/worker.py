@@ -116,9 +116,14 @@ class _Trainer:
         self.validation_scores = MetricSet(extra, spec.optim.loss, self.device)
         self.early_stopping = self._early_stopping()
         self.kept_metrics: dict[str, float] = {}
+        if self.strategy.runs_schedule and self.dataset.manifest.weight_col:
+            raise ConfigError(
+                "sample_weight_col must be empty with strategy='pipeline' (its loss runs per "
+                f"microbatch on the last stage), got {self.dataset.manifest.weight_col!r}. Drop "
+                "the weights or use another strategy"
+            )
         self.loader = self.dataset.loader(
-            env.rank,
-            env.world_size,
+            *self.strategy.data_shard,  # the pipeline's stages of one replica read the same rows
             batch_size=spec.optim.batch_size,
             shuffle=spec.optim.shuffle,
             seed=spec.optim.seed,
@@ -203,16 +208,25 @@ class _Trainer:
             consumed += 1
             # The batches of one optimizer step: all but the last skip gradient communication.
             closes = consumed % group == 0 or consumed == self.batches_per_epoch
+            outputs = None
             with stepper.micro_step(closes):
-                outputs = call_model(self.model, features)
-                loss = self._loss(outputs, labels, weights)
-                self._maybe_fail()
-                first = (consumed - 1) // group * group
-                stepper.backward(loss, min(group, self.batches_per_epoch - first))
-            epoch_samples += batch_rows(labels)
+                if self.strategy.runs_schedule:  # pipeline: forward and backward by microbatches
+                    loss, step_score = self.strategy.train_step(
+                        features, labels, self.loss_fn, self._score
+                    )
+                    self._maybe_fail()
+                else:
+                    outputs = call_model(self.model, features)
+                    loss = self._loss(outputs, labels, weights)
+                    self._maybe_fail()
+                    first = (consumed - 1) // group * group
+                    stepper.backward(loss, min(group, self.batches_per_epoch - first))
+                    step_score = metric_sum(self.metric, outputs, labels)
+            epoch_samples += batch_rows(labels) if self.strategy.counts_rows else 0
             tally.window += loss.detach().double()
-            tally.score += metric_sum(self.metric, outputs, labels)
-            self.train_scores.update(outputs, labels)
+            tally.score += step_score
+            if outputs is not None:
+                self.train_scores.update(outputs, labels)
             tally.window_steps += 1
             if not closes:
                 continue
@@ -229,7 +243,7 @@ class _Trainer:
                 tally.window_steps = 0
             if self.checkpointer.due_in_epoch(self.step, consumed == self.batches_per_epoch):
                 self.save_checkpoint(epoch, self.loader.state_dict(), samples=epoch_samples)
-            self._report_progress(epoch, epoch_samples * self.env.world_size, start)
+            self._report_progress(epoch, epoch_samples * self.strategy.data_shard[1], start)
         epoch_loss = tally.loss_sum + float(tally.window)
         # Replicas that drifted apart (local SGD) or lag the servers meet the model of record.
         self.strategy.synchronize()
@@ -261,6 +275,9 @@ class _Trainer:
             (total,) = all_reduce_sum([total], self.env)
             scale = float(self.env.world_size)
         return summed * (scale / max(total, 1e-12))
+
+    def _score(self, outputs: Any, labels: Any) -> Any:
+        return metric_sum(self.metric, outputs, labels)
 
     def _record_epoch(self, epoch: int, seconds: float, sums: list[float]) -> None:
         """(all ranks) Cross-rank epoch metrics; the only collective of an asynchronous epoch."""
@@ -468,8 +485,7 @@ class _Trainer:
             return None
         self.model.eval()
         loader = self.dataset.loader(
-            self.env.rank,
-            self.env.world_size,
+            *self.strategy.data_shard,
             batch_size=self.spec.optim.batch_size,
             shuffle=False,
             split="validation",
@@ -479,18 +495,26 @@ class _Trainer:
         )
         loss_sum, count, score = 0.0, 0.0, 0.0
         # Sharded modules gather parameters in forward (a collective): every rank runs as many
-        # forwards as the rank with the most batches, the extra ones on zero rows.
+        # forwards as the rank with the most batches, the extra ones on zero rows. (A pipeline's
+        # forward talks only within its replica, whose ranks read the same batches.)
         extra = all_reduce_max(len(loader), self.env) - len(loader)
         with torch.no_grad():
             for batch in loader:
                 features, labels, weights = move_to(split_batch(batch), self.device)
-                outputs = call_model(self.model, features)
-                loss = self._loss(outputs, labels, weights, synced=False)
+                if self.strategy.runs_schedule:  # the batch flows through the stages
+                    loss, batch_score = self.strategy.eval_step(
+                        features, labels, self.loss_fn, self._score
+                    )
+                else:
+                    outputs = call_model(self.model, features)
+                    loss = self._loss(outputs, labels, weights, synced=False)
+                    batch_score = metric_sum(self.metric, outputs, labels)
                 loss_sum += float(loss) * batch_rows(labels)
                 count += batch_rows(labels)
-                score += float(metric_sum(self.metric, outputs, labels))
-                self.validation_scores.update(outputs, labels)
-            for _ in range(extra):
+                score += float(batch_score)
+                if not self.strategy.runs_schedule:
+                    self.validation_scores.update(outputs, labels)
+            for _ in range(0 if self.strategy.runs_schedule else extra):
                 call_model(self.model, self._empty_inputs())
             self._build_scores(self.validation_scores)
         loss_sum, count, score = all_reduce_sum([loss_sum, count, score], self.env)
