@@ -16,14 +16,21 @@ __all__ = ["check_model_on_driver"]
 
 
 def check_model_on_driver(
-    configs: Any, dataset: ShardedDataset, feature_cols: Any, transform_fn: Any = None
+    configs: Any,
+    dataset: ShardedDataset,
+    feature_cols: Any,
+    transform_fn: Any = None,
+    *,
+    num_workers: int = 1,
 ) -> None:
     """Build the model on the driver's CPU and run one forward and loss pass on a few rows of
     the training split, as a worker's first step would (no process group, no optimizer step).
 
     Raises ConfigError naming the batch (shapes, dtypes, columns) and the model's complaint, so
     a width, dtype, label or output-type mistake surfaces before any task launches.
-    ``configs`` holds the run's ``model`` (ModelSpec) and ``optim`` (OptimConfig).
+    ``configs`` holds the run's ``model`` (ModelSpec) and ``optim`` (OptimConfig), and
+    ``sync`` (SyncConfig): with strategy="pipeline" the model is also cut into its stages
+    (for ``num_workers``), which run in order must give the model's own output.
     """
     import torch
 
@@ -72,6 +79,31 @@ def check_model_on_driver(
             "the model's input width and output to the data and the loss; driver_check=False "
             "skips this check"
         ) from exc
+    sync = getattr(configs, "sync", None)
+    if sync is not None and sync.strategy == "pipeline":
+        _check_pipeline(module, sync, num_workers, features, outputs, weights)
+
+
+def _check_pipeline(
+    module: Any, sync: Any, num_workers: int, features: Any, outputs: Any, weights: Any
+) -> None:
+    """The model cut into the pipeline's stages, run in order on the check batch."""
+    import torch
+
+    from sparkdl.sync.pipeline_split import check_split_on_batch, leftover_state, split_model
+
+    if weights is not None:
+        raise ConfigError(
+            "sample_weight_col must be empty with strategy='pipeline' (its loss runs per "
+            "microbatch on the last stage), got a weight column. Drop the weights or use "
+            "another strategy"
+        )
+    options = sync.typed_options()
+    stages, _ = options.resolved(num_workers)
+    parts = split_model(module, stages, options.split_points)
+    leftover_state(module, parts)
+    with torch.no_grad():
+        check_split_on_batch(module, parts, features, outputs)
 
 
 def _describe(features: Any) -> str:

@@ -96,7 +96,7 @@ ESTIMATOR_PARAMS: tuple[ParamSpec, ...] = (
     P("use_gpu", False, "one GPU per task from the task's Spark 'gpu' resources; nccl"),
     P("seed", 0, "model initialisation, validation split and per-epoch shuffle", "optim"),
     P("strategy", "allreduce", "how workers synchronize: allreduce, local_sgd, "
-      "parameter_server, fsdp", "sync"),
+      "parameter_server, fsdp, pipeline", "sync"),
     P("strategy_options", {}, "the strategy's options (sparkdl.config.STRATEGY_OPTIONS)",
       "sync", "options", as_dict),
     P("validation_fraction", 0.0, "seeded fraction of rows held out for validation"),
@@ -231,7 +231,7 @@ class TorchEstimator(
     ``"package.module:factory"`` (called with ``model_kwargs``). ``loss`` and ``optimizer``
     take a name (see ``sparkdl.config.LOSSES`` / ``OPTIMIZERS``) or a callable.
     ``strategy`` picks how workers synchronize ("allreduce", "local_sgd", "parameter_server",
-    "fsdp") and ``strategy_options`` its options (``sparkdl.config.STRATEGY_OPTIONS``), e.g.
+    "fsdp", "pipeline") and ``strategy_options`` its options (``sparkdl.config.STRATEGY_OPTIONS``), e.g.
     ``strategy_options={"compression": "fp16"}``; both are validated here, on the driver.
     """
 
@@ -245,8 +245,15 @@ class TorchEstimator(
         _check_estimator_values(values)
         check_output_params(values)
         configs = self._configs()
-        configs.sync.check_world_size(values["num_workers"])
-        check_strategy_knobs(configs.optim, configs.sync.strategy, use_gpu=values["use_gpu"])
+        sync = configs.sync
+        sync.check_world_size(values["num_workers"], batch_size=values["batch_size"])
+        check_strategy_knobs(configs.optim, sync.strategy, use_gpu=values["use_gpu"])
+        if sync.strategy == "pipeline" and values.get("sample_weight_col"):
+            raise ConfigError(
+                "sample_weight_col must be empty with strategy='pipeline' (its loss runs per "
+                f"microbatch on the last stage), got {values['sample_weight_col']!r}. Drop the "
+                "weights or use another strategy"
+            )
 
     def _configs(self) -> _Configs:
         return _Configs(
@@ -448,7 +455,11 @@ class TorchEstimator(
             self._check_split_sizes(dataset, num_workers)
             if self.get("driver_check"):
                 check_model_on_driver(
-                    configs, dataset, self.get("feature_cols"), self.get("transform_fn")
+                    configs,
+                    dataset,
+                    self.get("feature_cols"),
+                    self.get("transform_fn"),
+                    num_workers=num_workers,
                 )
             spec = TrainSpec(
                 model=configs.model,

@@ -60,8 +60,8 @@ def allreduce_accuracy(digits_dataset, tmp_path_factory, estimator):
 
 @pytest.mark.parametrize(
     ("strategy", "options"),
-    [("local_sgd", {}), ("parameter_server", {}), ("fsdp", {})],
-    ids=["local_sgd", "parameter_server", "fsdp"],
+    [("local_sgd", {}), ("parameter_server", {}), ("fsdp", {}), ("pipeline", {})],
+    ids=["local_sgd", "parameter_server", "fsdp", "pipeline"],
 )
 def test_strategy_reaches_allreduce_accuracy(
     digits_dataset, allreduce_accuracy, tmp_path, strategy, options, estimator
@@ -86,6 +86,10 @@ def test_strategy_reaches_allreduce_accuracy(
         staleness = sync[sync.name == "server_staleness_max"].value
         assert len(staleness) == EPOCHS and (staleness <= 8).all()
         assert sync[sync.name == "pushes"].value.max() == summary["steps"]  # every step pushed
+    if strategy == "pipeline":  # 2 stages of one replica: each rank holds about half the model
+        sync = metrics[metrics.split == "sync"]
+        assert (sync[sync.name == "max_stage_param_fraction"].value <= 0.6).all()
+        assert summary["samples"] == summary["steps"] * 32  # each batch counted once
 
 
 @pytest.mark.parametrize(
@@ -104,6 +108,15 @@ def test_strategy_reaches_allreduce_accuracy(
         ({"strategy": "parameter_server", "strategy_options": {"max_staleness": -2}}, "staleness"),
         ({"strategy": "fsdp", "num_workers": 1}, "process group"),
         (
+            {"strategy": "pipeline", "num_workers": 3, "strategy_options": {"stages": 2}},
+            r"num_workers must be a multiple of stages=2 .*got 3",
+        ),
+        (
+            {"strategy": "pipeline", "strategy_options": {"microbatches": 5}},
+            r"microbatches must be a divisor of batch_size=32 .*got 5",
+        ),
+        ({"strategy": "pipeline", "strategy_options": {"stages": 1}}, "stages must be"),
+        (
             {"strategy": "parameter_server", "strategy_options": {"num_servers": 3}},
             "num_servers must be at most num_workers",
         ),
@@ -115,6 +128,9 @@ def test_strategy_reaches_allreduce_accuracy(
         "powersgd-rank",
         "staleness",
         "fsdp-one",
+        "pipeline-workers",
+        "pipeline-microbatches",
+        "pipeline-one-stage",
         "servers",
     ],
 )
