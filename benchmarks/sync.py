@@ -13,6 +13,13 @@ processes, gloo on 127.0.0.1, one thread each) through the real worker loop
 Reported per strategy: samples/s over both workers and bytes sent per worker per step, both
 from the last epoch (after PowerSGD's warm-up), the bytes as a multiple of fp32 all-reduce's,
 and the final model's test accuracy (computed on the driver from the saved state dict).
+
+The pipeline rows cut the model into 2 stages over the 2 workers (one replica, so a step
+takes ``batch`` rows where all-reduce's two workers take 2 × ``batch``), 4 microbatches;
+beside them: the largest stage's share of the parameters (what one rank holds) and the bubble,
+the fraction of stage 0's schedule time it did not compute (measured, steps after the first).
+
+``--only`` re-runs some strategies: the other rows are kept from the previous results (marked).
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ STRATEGIES: list[tuple[str, str, dict[str, Any]]] = [
     ("local_sgd sync_every=8", "local_sgd", {"sync_every": 8}),
     ("parameter_server", "parameter_server", {}),
     ("fsdp", "fsdp", {}),
+    ("pipeline gpipe", "pipeline", {"schedule": "gpipe"}),
+    ("pipeline 1f1b", "pipeline", {"schedule": "1f1b"}),
 ]
 
 WORKLOADS: dict[str, dict[str, Any]] = {
@@ -114,11 +123,11 @@ def _accuracy(run_dir: str, kwargs: dict[str, Any], x: np.ndarray, y: np.ndarray
     return float((predicted == y).mean())
 
 
-def _last_epoch(run_dir: str, name: str) -> float:
+def _last_epoch(run_dir: str, name: str, split: str = "train") -> float:
     import pyarrow.parquet as pq
 
     table = pq.read_table(os.path.join(run_dir, "metrics")).to_pandas()
-    rows = table[(table.split == "train") & (table.name == name)].sort_values("epoch")
+    rows = table[(table.split == split) & (table.name == name)].sort_values("epoch")
     return float(rows.value.iloc[-1])
 
 
@@ -149,7 +158,14 @@ def run_one(
     )
     start = time.perf_counter()
     results = sparkdl.Distributor(2, local_mode=True, timeout_s=300).run(train, spec)
+    extra = {}
+    if strategy == "pipeline":
+        extra = {
+            "max_param_fraction": _last_epoch(run_dir, "max_stage_param_fraction", "sync"),
+            "bubble_fraction": _last_epoch(run_dir, "bubble_fraction", "sync"),
+        }
     return {
+        **extra,
         "workload": workload,
         "strategy": label,
         "options": options,
@@ -187,13 +203,65 @@ def sync_markdown(rows: list[dict], load: str, machine: str) -> str:
         group = [r for r in rows if r["workload"] == workload]
         base = next(r["bytes_per_step"] for r in group if r["strategy"] == "allreduce fp32")
         for r in group:
+            mark = " †" if r.get("earlier_run") else ""
             lines.append(
-                f"| {workload} | {r['strategy']} | {r['samples_per_s']:,.0f} | "
+                f"| {workload} | {r['strategy']}{mark} | {r['samples_per_s']:,.0f} | "
                 f"{_bytes(r['bytes_per_step'])} | {r['bytes_per_step'] / base:.3f}× | "
                 f"{r['test_accuracy']:.3f} |"
             )
-    lines += ["", *_targets(rows)]
+    if any(r.get("earlier_run") for r in rows):
+        lines += ["", "† from the previous run (this one re-ran the other rows, `--only`)."]
+    lines += ["", *_targets(rows), *_pipeline(rows)]
     return "\n".join(lines) + "\n"
+
+
+def _pipeline(rows: list[dict]) -> list[str]:
+    """The pipeline rows against all-reduce of the same run: speed, memory, bubble."""
+    piped = [r for r in rows if "bubble_fraction" in r]
+    if not piped:
+        return []
+    stages, microbatches = 2, 4
+    ideal = (stages - 1) / (microbatches + stages - 1)
+    out = [
+        "",
+        f"Pipeline, {stages} stages on the 2 workers (one replica: a step takes `batch` rows, "
+        f"all-reduce's takes 2 × `batch`), {microbatches} microbatches. Params per rank: the "
+        f"largest stage's share of the model's parameters (target ≤ 0.6×). Bubble: the "
+        f"fraction of stage 0's schedule time it did not compute, measured (ideal for equal "
+        f"stages, (p−1)/(m+p−1) = {ideal:.2f}); on these 2 shared cores both ranks compete "
+        "for CPU, so compute and waiting overlap less cleanly than on separate devices.",
+        "",
+        "| workload | schedule | samples/s | × allreduce fp32 | bytes/step | params per rank "
+        "| bubble |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in piped:
+        base = next(
+            (
+                b
+                for b in rows
+                if b["workload"] == r["workload"] and b["strategy"] == "allreduce fp32"
+            ),
+            None,
+        )
+        speed = f"{r['samples_per_s'] / base['samples_per_s']:.2f}×" if base else "—"
+        params = r["params"] * r["max_param_fraction"]
+        out.append(
+            f"| {r['workload']} | {r['strategy'].split()[-1]} | {r['samples_per_s']:,.0f} | "
+            f"{speed} | {_bytes(r['bytes_per_step'])} | {r['max_param_fraction']:.3f}× "
+            f"({_bytes(params * 4)}) | {r['bubble_fraction']:.2f} |"
+        )
+    return out
+
+
+def _merged(previous: list[dict], fresh: list[dict]) -> list[dict]:
+    """``fresh`` rows, and the ``previous`` ones they do not replace (marked earlier_run), in
+    the order of WORKLOADS × STRATEGIES."""
+    key = lambda r: (r["workload"], r["strategy"])  # noqa: E731
+    rows = {key(r): {**r, "earlier_run": True} for r in previous}
+    rows.update({key(r): r for r in fresh})
+    order = [(w, label) for w in WORKLOADS for label, _, _ in STRATEGIES]
+    return [rows[k] for k in order if k in rows]
 
 
 def _targets(rows: list[dict]) -> list[str]:
@@ -245,11 +313,17 @@ def run_sync(args: argparse.Namespace) -> None:
     finally:
         if not args.work_dir:
             shutil.rmtree(root, ignore_errors=True)
+    json_path = os.path.splitext(args.out)[0] + ".json" if args.out else ""
+    if args.only and json_path and os.path.exists(json_path):
+        import json
+
+        with open(json_path) as fh:
+            rows = _merged(json.load(fh).get("sync", {}).get("rows", []), rows)
     markdown = sync_markdown(rows, load_note(loads), machine())
     print(markdown)
     if args.out:
         write_section(markdown, args.out)
-        write_json("sync", {"rows": rows}, os.path.splitext(args.out)[0] + ".json")
+        write_json("sync", {"rows": rows}, json_path)
 
 
 def add_sync(sub: argparse._SubParsersAction) -> None:
