@@ -81,15 +81,27 @@ def check_model_on_driver(
         ) from exc
     sync = getattr(configs, "sync", None)
     if sync is not None and sync.strategy == "pipeline":
-        _check_pipeline(module, sync, num_workers, features, outputs, weights)
+        _check_pipeline(module, sync, num_workers, features, outputs, weights, labels)
 
 
 def _check_pipeline(
-    module: Any, sync: Any, num_workers: int, features: Any, outputs: Any, weights: Any
+    module: Any,
+    sync: Any,
+    num_workers: int,
+    features: Any,
+    outputs: Any,
+    weights: Any,
+    labels: Any,
 ) -> None:
     """The model cut into the pipeline's stages, run in order on the check batch."""
     import torch
 
+    if isinstance(labels, tuple):
+        raise ConfigError(
+            f"label_col must be one column with strategy='pipeline' (the last stage's loss "
+            f"takes the labels by microbatch), got {len(labels)} label columns. Use one label "
+            "column or another strategy"
+        )
     from sparkdl.sync.pipeline_split import check_split_on_batch, leftover_state, split_model
 
     if weights is not None:
