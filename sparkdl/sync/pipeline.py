@@ -10,10 +10,11 @@ each stage's replicas then all-reduce its gradients (their "dp" group), as DDP w
 Data: every rank of a replica reads the same rows in the same order (the replica is the data
 rank, :attr:`data_shard`); the first stage feeds the features in, the last takes the labels.
 A step is :meth:`train_step` (forward and backward interleave across microbatches, so the
-loop cannot call them itself): the loss is computed on the last stage for each microbatch by
-the loss function as given, which must average over its rows (the gradients are averaged over
-the microbatches: with equal microbatches that is the whole batch's mean). The loss returned,
-and the score, are the last stage's, broadcast to the replica's other stages, so every rank
+loop cannot call them itself): the last stage computes each microbatch's loss with the loss
+function as given (it must average over its rows) and divides it by the number of
+microbatches, so their sum is the whole batch's mean; gradients add up, so several
+train_steps before one optimizer step accumulate as backward() does. The loss returned, and
+the score, are the last stage's, broadcast to the replica's other stages, so every rank
 reports the same. :meth:`eval_step` sends a batch of any size forward through the stages
 whole (no microbatches), its tensors' shapes ahead of them.
 
@@ -147,13 +148,15 @@ class PipelineStrategy(SyncStrategy):
         if self._schedule is None:
             kind = ScheduleGPipe if self.options.schedule == "gpipe" else Schedule1F1B
             self._schedule = kind(
-                self._pipe, self.microbatches, loss_fn=self._microbatch_loss, scale_grads=True
+                self._pipe, self.microbatches, loss_fn=self._microbatch_loss, scale_grads=False
             )
         return self._schedule.step(*args, **kwargs)
 
     def _microbatch_loss(self, outputs: Any, labels: Any) -> torch.Tensor:
+        """A microbatch's share of the batch's mean loss. Scaling the loss, not the gradients
+        afterwards (the schedule's scale_grads), leaves gradients already accumulated alone."""
         assert self._loss_fn is not None
-        return self._loss_fn(outputs, labels)
+        return self._loss_fn(outputs, labels) / self.microbatches
 
     # ---- steps -------------------------------------------------------------------------------
 
@@ -197,7 +200,7 @@ class PipelineStrategy(SyncStrategy):
             self._timed[0] += self.busy_s
             self._timed[1] += time.perf_counter() - start
         self.steps += 1
-        loss = torch.stack([x.detach() for x in losses]).mean() if losses else None
+        loss = torch.stack([x.detach() for x in losses]).sum() if losses else None
         return self._from_last_stage(loss, outputs, labels, score_fn)
 
     def eval_step(
