@@ -57,8 +57,33 @@ def _one_process(replicas: int) -> dict:
     return model.state_dict()
 
 
+class _WithExtraState(torch.nn.Module):
+    """One child (an nn.Sequential, cut inside) and a non-tensor state entry on the root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+        self.vocab = {"version": 3}
+
+    def forward(self, x):
+        return self.net(x)
+
+    def get_extra_state(self):
+        return self.vocab
+
+    def set_extra_state(self, state):
+        self.vocab = state
+
+
 def _pipelined(schedules: list[str]) -> dict:
-    out = {}
+    sync = prepare(
+        _WithExtraState(), "pipeline", optimizer=torch.optim.SGD, stages=2, split_points=["net.4"]
+    )
+    out: dict = {
+        "extra_state": sync.state_dict(),
+        "extra_params": len(list(sync.module.parameters())),
+    }
+    sync.close()
     for schedule in schedules:
         torch.manual_seed(0)
         sync = prepare(
@@ -110,6 +135,10 @@ def test_two_stages_on_two_ranks_match_one_process_for_both_schedules():
     )
     expected = _one_process(1)
     total = sum(p.numel() for p in _mlp().parameters())
+    extra = results[0]["extra_state"]  # cut before net.4: 2 Linear layers on each rank
+    assert extra["_extra_state"] == {"version": 3} and results[1]["extra_state"] is None
+    _WithExtraState().load_state_dict(extra)
+    assert [r["extra_params"] for r in results] == [4, 4]
     for schedule in ("gpipe", "1f1b"):
         chief, last = results[0][schedule], results[1][schedule]
         assert last["state"] is None
