@@ -113,6 +113,8 @@ def check_strategy_knobs(config: Any, strategy: str, *, use_gpu: bool | None) ->
             config.precision,
             'Use precision="bf16", or use_gpu=True',
         )
+    if strategy == "pipeline":
+        _check_pipeline_knobs(config)
     schedule = config.lr_schedule
     scheduled = config.warmup_steps or not (isinstance(schedule, str) and schedule == "constant")
     if strategy == "parameter_server" and scheduled:
@@ -123,6 +125,34 @@ def check_strategy_knobs(config: Any, strategy: str, *, use_gpu: bool | None) ->
             "worker's step count defines the rate)",
             schedule if isinstance(schedule, str) else type(schedule).__name__,
             'Use lr_schedule="constant", or strategy="allreduce"',
+        )
+
+
+def _check_pipeline_knobs(config: Any) -> None:
+    """What the pipeline strategy cannot honour, and why."""
+    if config.accumulate_steps != 1:
+        raise fail(
+            "accumulate_steps",
+            '1 under strategy="pipeline" (its schedule already accumulates gradients over '
+            "microbatches before each optimizer step)",
+            config.accumulate_steps,
+            "Raise batch_size and strategy_options microbatches instead",
+        )
+    if config.precision != "32":
+        raise fail(
+            "precision",
+            '"32" under strategy="pipeline" (the stages exchange activations of the dtype fixed '
+            "when the pipeline is built; autocast would change it between microbatches)",
+            config.precision,
+            'Use precision="32" with the pipeline, or another strategy',
+        )
+    if config.metrics:
+        raise fail(
+            "metrics",
+            'empty under strategy="pipeline" (only the last stage sees the outputs; the built-in '
+            "accuracy/mse and the loss are reported)",
+            list(metric_labels(config.metrics)),
+            "Drop metrics, or use another strategy",
         )
 
 

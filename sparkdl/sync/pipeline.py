@@ -286,6 +286,22 @@ class PipelineStrategy(SyncStrategy):
                 p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
 
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """(all ranks) Clip by the whole model's gradient norm: each stage's squared norm is
+        summed over the replica's stages (its "pp" group), so every stage scales its gradients
+        by the same factor, as one process clipping the whole model would."""
+        assert self._module is not None
+        grads = [p.grad for p in self._module.parameters() if p.grad is not None]
+        squared = torch.zeros((), dtype=torch.float64, device=torch.device(self.env.device))
+        for g in grads:
+            squared += g.detach().double().pow(2).sum()
+        dist.all_reduce(squared, group=self._pp)
+        norm = squared.sqrt()
+        coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coefficient.to(g.dtype))
+        return norm.float()
+
     # ---- model of record, checkpoints, stats ---------------------------------------------------
 
     def _stage_module(self) -> StagePart:

@@ -155,3 +155,18 @@ def test_fsdp_clips_by_the_same_global_norm_as_ddp(tmp_path):
     assert _weights(tmp_path / "fsdp").keys() == _weights(tmp_path / "allreduce").keys()
     for name, value in _weights(tmp_path / "allreduce").items():
         torch.testing.assert_close(_weights(tmp_path / "fsdp")[name], value, atol=1e-5, rtol=0)
+
+
+def test_pipeline_clips_by_the_whole_models_norm(tmp_path):
+    from sparkdl.context import WorkerEnv
+    from sparkdl.train.worker import run_worker
+
+    dataset = _dataset(tmp_path / "ds")
+    knobs = {"batch_size": 8, "grad_clip_norm": 0.05, "log_every_steps": 1, "lr_schedule": "cosine"}
+    _run(_spec(dataset, tmp_path / "pipe", "pipeline", {"stages": 2}, **knobs))
+    run_worker(_spec(dataset, tmp_path / "one", **knobs), WorkerEnv())  # one process, same rows
+    norms = _metric(tmp_path / "pipe", "step_grad_norm")
+    assert len(norms) == 8 and all(n > 0.05 for n in norms)
+    np.testing.assert_allclose(norms, _metric(tmp_path / "one", "step_grad_norm"), rtol=1e-5)
+    for name, value in _weights(tmp_path / "one").items():
+        torch.testing.assert_close(_weights(tmp_path / "pipe")[name], value, atol=1e-5, rtol=0)

@@ -373,3 +373,19 @@ def test_early_stopping_watches_a_named_metric(tmp_path):
     aucs = _metrics(run).query("split == 'validation' and name == 'auc'")["value"].tolist()
     assert result.best_epoch == int(np.argmax(aucs))
     assert result.metrics["validation/auc"] == pytest.approx(max(aucs))
+
+
+@pytest.mark.parametrize(
+    ("knob", "message"),
+    [
+        ({"accumulate_steps": 2}, "already accumulates"),
+        ({"precision": "bf16"}, "activations of the dtype"),
+        ({"metrics": ["auc"]}, "only the last stage"),
+    ],
+)
+def test_the_pipeline_refuses_what_it_cannot_honour(knob, message):
+    with pytest.raises(ConfigError, match=message):
+        check_strategy_knobs(OptimConfig(**knob), "pipeline", use_gpu=False)
+    check_strategy_knobs(
+        OptimConfig(grad_clip_norm=1.0, lr_schedule="cosine"), "pipeline", use_gpu=False
+    )
