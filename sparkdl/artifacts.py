@@ -145,9 +145,27 @@ class RunDirectory:
             "started_at": self._record.get("started_at", time.time()),
             "timings": {},
             "attempts": earlier,
+            **(
+                {"world_sizes": self._record["world_sizes"]}
+                if earlier and "world_sizes" in self._record
+                else {}
+            ),
         }
         if earlier:
             self._record["resumed_at"] = time.time()
+        self._write()
+
+    def record_size(self, change: Any) -> None:
+        """Record a launch's size (elastic runs): ``world_sizes`` gains ``{attempt, workers,
+        start_step, why}`` and ``world_size`` becomes the current one."""
+        entry = {
+            "attempt": change.attempt,
+            "workers": change.workers,
+            "start_step": change.start_step,
+            "why": change.why,
+        }
+        self._record.setdefault("world_sizes", []).append(entry)
+        self._record["world_size"] = change.workers
         self._write()
 
     def record_attempt(self, attempt: int, error: BaseException | None) -> None:

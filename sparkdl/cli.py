@@ -62,11 +62,13 @@ NOT_IN_TRAINING: dict[str, str] = {
 def training_defaults() -> dict[str, Any]:
     """``[training]``: every other estimator Param with its default, from ESTIMATOR_PARAMS, so a
     new Param is settable from a job (a hand copy here once lost ``shuffle``)."""
-    return {
+    defaults = {
         spec.name: copy.deepcopy(spec.default)
         for spec in ESTIMATOR_PARAMS
         if spec.name not in NOT_IN_TRAINING
     }
+    # An elastic range as two keys (0: unset): num_workers = [min_workers, max_workers].
+    return {**defaults, "min_workers": 0, "max_workers": 0}
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -172,6 +174,15 @@ def estimator_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     """TorchEstimator's keyword arguments from a loaded config: ``[training]`` as is, the rest
     from ``[model]``, ``[data]`` and ``[run]`` (see NOT_IN_TRAINING)."""
     data, run = config["data"], config["run"]
+    training = dict(config["training"])
+    low, high = training.pop("min_workers", 0), training.pop("max_workers", 0)
+    if low or high:
+        if not (low and high):
+            raise ConfigError(
+                f"training.min_workers and training.max_workers must be set together, got "
+                f"{low} and {high}. Set both (or neither, and num_workers)"
+            )
+        training["num_workers"] = [low, high]
     return {
         "model": config["model"]["factory"],
         "model_kwargs": config["model"]["kwargs"],
@@ -182,7 +193,7 @@ def estimator_kwargs(config: dict[str, Any]) -> dict[str, Any]:
         "run_dir": run["run_dir"],
         "overwrite": run["mode"] == "overwrite",
         "resume": run["mode"] == "resume",
-        **config["training"],
+        **training,
     }
 
 

@@ -32,6 +32,8 @@ __all__ = [
     "PIPELINE_SCHEDULES",
     "STRATEGY_OPTIONS",
     "CheckpointConfig",
+    "ElasticConfig",
+    "ELASTIC_BATCH",
     "FaultInjection",
     "FAULT_MODES",
     "TrainSpec",
@@ -524,6 +526,95 @@ class SyncConfig:
             opts.resolved(num_workers, batch_size)
 
 
+ELASTIC_BATCH = ("per_worker", "global")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ElasticConfig:
+    """``num_workers=(min, max)``: the worker count follows the cluster's task slots.
+
+    The first launch takes as many workers as slots allow between the two; after a lost worker
+    the next launch waits ``wait_s`` for its slot, then goes on with the slots there are (at
+    least ``min_workers``); when more slots free up the running group stops at its next
+    checkpoint and relaunches larger (at most once per ``grow_interval_s``).
+    """
+
+    min_workers: int
+    max_workers: int
+    wait_s: float = 30.0
+    """After a lost worker: how long to wait for its slot before launching smaller."""
+    grow_interval_s: float = 300.0
+    """Least time between two size changes before a grow (a flapping cluster does not thrash)."""
+    batch: str = "per_worker"
+    """"per_worker": batch_size rows per worker (the global batch changes with the size);
+    "global": the global batch stays batch_size × max_workers, each worker takes its share
+    (sizes that do not divide it are never launched)."""
+
+    def __post_init__(self) -> None:
+        expect_int("min_workers", self.min_workers, "Use e.g. num_workers=(1, 4)")
+        expect_int("max_workers", self.max_workers, "Use e.g. num_workers=(1, 4)")
+        if self.min_workers > self.max_workers:
+            raise fail(
+                "num_workers",
+                "a range (min_workers, max_workers) with min ≤ max",
+                (self.min_workers, self.max_workers),
+                f"Use e.g. ({self.max_workers}, {self.min_workers})",
+            )
+        expect_number("elastic_wait_s", self.wait_s, "Use e.g. 30", at_least=0, below=math.inf)
+        expect_number(
+            "elastic_grow_interval_s",
+            self.grow_interval_s,
+            "Use e.g. 300",
+            at_least=0,
+            below=math.inf,
+        )
+        expect_choice("elastic_batch", self.batch, ELASTIC_BATCH, 'Use "per_worker" or "global"')
+
+    @classmethod
+    def from_num_workers(cls, num_workers: Any, **settings: Any) -> ElasticConfig | None:
+        """None for an int ``num_workers`` (a fixed size); a config for a ``(min, max)`` pair."""
+        if isinstance(num_workers, (list, tuple)):
+            if len(num_workers) != 2:
+                raise fail(
+                    "num_workers",
+                    "an integer or a pair (min_workers, max_workers)",
+                    num_workers,
+                    "Use e.g. num_workers=(2, 8)",
+                )
+            return cls(min_workers=num_workers[0], max_workers=num_workers[1], **settings)
+        expect_int("num_workers", num_workers, "Use e.g. num_workers=2, or a range (2, 8)")
+        return None
+
+    def sizes(self, check: Callable[[int], Any]) -> list[int]:
+        """The sizes in [min, max] that ``check(size)`` accepts (it raises ConfigError for the
+        others: a pipeline's stage multiple, a global batch that does not divide, ...)."""
+        good = []
+        for size in range(self.min_workers, self.max_workers + 1):
+            try:
+                check(size)
+            except ConfigError:
+                continue
+            good.append(size)
+        return good
+
+    def per_worker_batch(self, batch_size: int, world_size: int) -> int:
+        """Rows per worker per step at ``world_size``: batch_size, or with ``batch="global"``
+        the share of the global batch batch_size × max_workers (ConfigError if it does not
+        divide)."""
+        if self.batch == "per_worker":
+            return batch_size
+        total = batch_size * self.max_workers
+        if total % world_size:
+            raise fail(
+                "elastic_batch",
+                f'"per_worker", or "global" with a world size dividing the global batch '
+                f"{total} (batch_size {batch_size} × max_workers {self.max_workers})",
+                f"global at {world_size} workers",
+                "Pick a batch_size whose global batch every size in the range divides",
+            )
+        return total // world_size
+
+
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     """When the chief writes checkpoints and how many it keeps."""
@@ -613,6 +704,8 @@ class TrainSpec:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    elastic: ElasticConfig | None = None
+    """With ``num_workers=(min, max)``: the range and how the batch follows the size."""
     faults: tuple[FaultInjection, ...] = ()
     """Deliberate failures for tests (see FaultInjection); empty in real runs."""
     transform_fn: Callable[[dict[str, Any]], dict[str, Any]] | None = None

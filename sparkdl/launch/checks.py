@@ -145,7 +145,7 @@ def check_gpu_conf(conf: Any, use_gpu: bool, master: str = "") -> None:
         )
 
 
-def _static_slot_limit(side: SparkSide) -> int | None:
+def static_slot_limit(side: SparkSide) -> int | None:
     """Slot ceiling known from the master URL alone: local-cluster[N,C,M]."""
     cluster = re.fullmatch(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]", side.master)
     if cluster:
@@ -161,7 +161,7 @@ def check_slots(side: SparkSide, num_workers: int, *, wait_s: float) -> None:
     """
     master = side.master
     is_local = master.startswith("local") and not master.startswith("local-cluster")
-    ceiling = _static_slot_limit(side)
+    ceiling = static_slot_limit(side)
     slots = side.task_slots()
     # A master whose size is known (local-cluster) will get its executors: wait the whole
     # launch timeout for them on a busy machine; elsewhere give up sooner and say why.

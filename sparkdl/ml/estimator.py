@@ -40,6 +40,7 @@ from sparkdl.data.input_specs import check_feature_cols, input_columns, is_named
 from sparkdl.data.manifest import MANIFEST_NAME
 from sparkdl.errors import ConfigError, DataError
 from sparkdl.knobs import check_strategy_knobs
+from sparkdl.launch.elastic import elastic_config, launch_sizes
 from sparkdl.launch.launcher import job_description
 from sparkdl.launch.progress import RunMonitor, SparkPhaseProgress
 from sparkdl.ml.driver_check import check_model_on_driver
@@ -92,7 +93,15 @@ ESTIMATOR_PARAMS: tuple[ParamSpec, ...] = (
     P("learning_rate", 1e-3, "learning rate of a named optimizer", "optim"),
     P("batch_size", 64, "rows per worker per step (global batch: × num_workers)", "optim"),
     P("epochs", 1, "passes over the training rows (fewer with early stopping)", "optim"),
-    P("num_workers", 2, "barrier tasks = torch ranks"),
+    P("num_workers", 2, "barrier tasks = torch ranks: an int, or a range (min_workers, "
+      "max_workers) that follows the cluster's task slots (README, Elastic training)",
+      convert=as_list),
+    P("elastic_wait_s", 30.0, "num_workers range: after a lost worker, seconds to wait for its "
+      "slot before relaunching smaller"),
+    P("elastic_grow_interval_s", 300.0, "num_workers range: least seconds between size changes "
+      "before growing"),
+    P("elastic_batch", "per_worker", "num_workers range: 'per_worker' (batch_size rows per "
+      "worker) or 'global' (the global batch stays batch_size x max_workers)"),
     P("use_gpu", False, "one GPU per task from the task's Spark 'gpu' resources; nccl"),
     P("seed", 0, "model initialisation, validation split and per-epoch shuffle", "optim"),
     P("strategy", "allreduce", "how workers synchronize: allreduce, local_sgd, "
@@ -202,7 +211,7 @@ def _check_estimator_values(v: dict[str, Any]) -> None:
             f"sample_weight_col must be a column name or empty, got {v.get('sample_weight_col')!r}"
             ". Pass e.g. 'weight'"
         )
-    expect_int("num_workers", v["num_workers"], "Use e.g. num_workers=2")
+    elastic_config(v)
     fraction = expect_number(
         "validation_fraction", v["validation_fraction"], "Use e.g. 0.1", at_least=0, below=1
     )
@@ -246,7 +255,11 @@ class TorchEstimator(
         check_output_params(values)
         configs = self._configs()
         sync = configs.sync
-        sync.check_world_size(values["num_workers"], batch_size=values["batch_size"])
+        elastic = elastic_config(values)
+        if elastic is None:
+            sync.check_world_size(values["num_workers"], batch_size=values["batch_size"])
+        else:
+            launch_sizes(elastic, sync, values["batch_size"])
         check_strategy_knobs(configs.optim, sync.strategy, use_gpu=values["use_gpu"])
         if sync.strategy == "pipeline" and values.get("sample_weight_col"):
             raise ConfigError(
@@ -285,11 +298,39 @@ class TorchEstimator(
             that._assign({"run_dir": storage.join(self.get("run_dir"), fit_dir_name(own))})
         return that
 
+    def _max_workers(self) -> int:
+        """The fixed worker count, or the top of a range."""
+        elastic = elastic_config(self.values())
+        return elastic.max_workers if elastic else int(self.get("num_workers"))
+
+    def _sizer(self, spark: Any, distributor: Any, elastic: Any, configs: _Configs) -> Any:
+        """The elastic sizer of a ``num_workers=(min, max)`` fit, else None."""
+        if elastic is None:
+            return None
+        from sparkdl.launch.checks import static_slot_limit
+        from sparkdl.launch.elastic import ElasticSizer
+
+        if not configs.checkpoint.every_steps and not configs.checkpoint.every_epochs:
+            log.warning(
+                "sparkdl: num_workers is a range but checkpoints are off: the run can shrink "
+                "after a loss (from the start) but never grows. Set checkpoint_every_steps"
+            )
+        side = None if distributor.local_mode else spark_side(spark)
+        ceiling = None if side is None else static_slot_limit(side)
+        if ceiling is not None and elastic.max_workers > ceiling:
+            raise ConfigError(
+                f"max_workers must be at most the task slots master {side.master} can ever "
+                f"offer, got {elastic.max_workers} with {ceiling} slot(s). Lower max_workers"
+            )
+        sizes = launch_sizes(elastic, configs.sync, self.get("batch_size"))
+        return ElasticSizer(side, elastic, sizes, timeout_s=distributor.timeout_s)
+
     def _distributor(self, spark: SparkSession) -> Any:
         from sparkdl.launch import Distributor
 
+        elastic = elastic_config(self.values())
         return Distributor(
-            self.get("num_workers"),
+            elastic.min_workers if elastic else self.get("num_workers"),
             use_gpu=self.get("use_gpu"),
             spark=spark,
             collective_timeout_s=self.get("collective_timeout_s"),
@@ -313,7 +354,7 @@ class TorchEstimator(
                     "Use the columns the dataset was materialized with"
                 )
             return data
-        num_shards, mode = self.get("num_workers"), "overwrite"
+        num_shards, mode = self._max_workers(), "overwrite"
         target = self.get("dataset_dir") or run.layout.data_dir
         if resuming and storage.path_exists(storage.join(target, MANIFEST_NAME)):
             # Resume on the same rows in the same order (whatever num_workers is now); "reuse"
@@ -354,12 +395,16 @@ class TorchEstimator(
                 "Set validation_fraction or validation_col (or materialize with one)"
             )
 
-    def _check_split_sizes(self, dataset: ShardedDataset, num_workers: int) -> None:
+    def _check_split_sizes(
+        self, dataset: ShardedDataset, num_workers: int, elastic: Any = None
+    ) -> None:
         """Right after the dataset is written, before any worker starts: every worker must get
         at least one full training batch per epoch, and early stopping needs validation rows.
         (A validation split smaller than num_workers or than one batch is fine: ranks without
         rows add nothing to its sums.)"""
         rows, batch = dataset.num_rows, self.get("batch_size")
+        if elastic is not None:
+            batch = elastic.per_worker_batch(batch, num_workers)
         if rows < num_workers:
             raise DataError(
                 f"training rows must be at least num_workers, got {rows} rows for "
@@ -428,9 +473,11 @@ class TorchEstimator(
             raise ConfigError(
                 "a SparkSession must be active to fit. Create one with SparkSession.builder"
             )
-        num_workers = self.get("num_workers")
+        elastic = elastic_config(self.values())
+        num_workers = self._max_workers()
         distributor = self._distributor(spark)
         distributor.check()  # slots, dynamic allocation, GPUs: before anything is written
+        sizer = self._sizer(spark, distributor, elastic, configs)
         timings: dict[str, float] = {}
         start = time.perf_counter()
         run = RunDirectory(self.get("run_dir"))
@@ -452,14 +499,14 @@ class TorchEstimator(
             ):
                 dataset = self._dataset(data, run, resuming)
             timings["materialize_s"] = time.perf_counter() - start
-            self._check_split_sizes(dataset, num_workers)
+            self._check_split_sizes(dataset, num_workers, elastic)
             if self.get("driver_check"):
                 check_model_on_driver(
                     configs,
                     dataset,
                     self.get("feature_cols"),
                     self.get("transform_fn"),
-                    num_workers=num_workers,
+                    num_workers=elastic.min_workers if elastic else num_workers,
                 )
             spec = TrainSpec(
                 model=configs.model,
@@ -468,6 +515,7 @@ class TorchEstimator(
                 optim=configs.optim,
                 sync=configs.sync,
                 checkpoint=configs.checkpoint,
+                elastic=elastic,
                 faults=FaultInjection.coerce(self.get("fault_injection")),
                 transform_fn=self.get("transform_fn"),
                 inference_transform_fn=self.get("inference_transform_fn"),
@@ -484,10 +532,14 @@ class TorchEstimator(
                 first_attempt=run.next_attempt,
                 on_failure=run.record_attempt,
                 name=job_description(run_name, "train", f"{num_workers} workers"),
-                make_monitor=lambda: RunMonitor(
-                    log_dir=run.layout.logs_dir, progress=self.get("progress"), name=run_name
+                make_monitor=lambda size: RunMonitor(
+                    log_dir=run.layout.logs_dir,
+                    progress=self.get("progress"),
+                    name=f"{run_name} ({size} workers)" if elastic else run_name,
                 ),
                 feed_dir=run.layout.feed_dir,
+                sizer=sizer,
+                on_size=run.record_size if elastic else None,
             )
             run.record_attempt(attempt, None)
             timings["train_s"] = time.perf_counter() - launched

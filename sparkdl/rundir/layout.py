@@ -53,6 +53,12 @@ class RunLayout:
         return self._sub("data")
 
     @property
+    def resize_request(self) -> str:
+        """The driver's request that the running group stop at its next checkpoint (elastic
+        grow): JSON ``{"attempt": N, "workers": M}``, read by the chief at each checkpoint."""
+        return self._sub("control", "resize.json")
+
+    @property
     def model_dir(self) -> str:
         return self._sub("model")
 

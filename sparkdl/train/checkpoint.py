@@ -36,7 +36,7 @@ from sparkdl.rundir.layout import RunLayout
 from sparkdl.rundir.model_dir import cpu_state
 from sparkdl.train.collectives import broadcast_int, gather_bytes
 
-__all__ = ["SHARDED_DIR", "Checkpointer", "rng_snapshot", "restore_rng"]
+__all__ = ["SHARDED_DIR", "Checkpointer", "ResizeRequested", "rng_snapshot", "restore_rng"]
 
 log = logging.getLogger("sparkdl")
 
@@ -83,6 +83,11 @@ def restore_rng(snapshot: bytes, device: str) -> None:
 
 
 # ---------------------------------------------------------------- the worker's checkpointer
+
+
+class ResizeRequested(Exception):
+    """Raised on every rank after a checkpoint when the driver asked the group to stop there
+    (an elastic grow): ``run_worker`` returns a record marked ``stopped_for_resize``."""
 
 
 class Checkpointer:
@@ -152,6 +157,23 @@ class Checkpointer:
         info = write_checkpoint(self.run_dir, step=step, epoch=epoch, state=state, meta=meta)
         apply_retention(self.run_dir, self.config.keep_last)
         log.info("[rank %d] checkpoint at step %d: %s", self.env.rank, step, info.path)
+
+    def resize_requested(self) -> bool:
+        """(all ranks) Whether the driver asked this attempt to stop at this checkpoint.
+
+        The chief reads the run directory's request and broadcasts what it found, so every rank
+        decides the same at the same step and no collective is left unmatched.
+        """
+        asked = 0
+        if self.env.is_chief:
+            path = RunLayout(self.run_dir).resize_request
+            try:
+                if storage.path_exists(path):
+                    request = json.loads(storage.read_file(path))
+                    asked = int(request.get("attempt", -1) == self.env.attempt)
+            except Exception as exc:  # a torn or unreadable request: keep training
+                log.warning("sparkdl: resize request %s unreadable (%s); ignored", path, exc)
+        return bool(broadcast_int(asked, self.env))
 
     def claim(self) -> None:
         """(chief only) Record this attempt as the run's current one (the fence, see

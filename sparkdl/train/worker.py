@@ -45,7 +45,7 @@ from sparkdl.rundir.layout import RunLayout
 from sparkdl.rundir.model_dir import save_state_dict
 from sparkdl.sync import SyncStrategy
 from sparkdl.sync.prepare import prepare_config
-from sparkdl.train.checkpoint import SHARDED_DIR, Checkpointer
+from sparkdl.train.checkpoint import SHARDED_DIR, Checkpointer, ResizeRequested
 from sparkdl.train.collectives import all_reduce_max, all_reduce_sum
 from sparkdl.train.components import (
     build_loss,
@@ -85,6 +85,9 @@ class WorkerResult:
     """Step of the checkpoint this attempt resumed from (None: it started from scratch)."""
     best_epoch: int | None = None
     """With early stopping: the epoch whose weights were saved (0-based)."""
+    stopped_for_resize: bool = False
+    """True when the group stopped at a checkpoint because the driver asked it to (elastic
+    grow): no model was written; the driver relaunches from that checkpoint."""
     last_metrics: dict[str, float] = field(default_factory=dict)
     """The last epoch's metrics; ``metrics`` are the kept model's (they differ with early
     stopping, when the kept epoch is not the last)."""
@@ -103,6 +106,10 @@ class _Trainer:
         self.device = torch.device(env.device)
         torch.manual_seed(spec.optim.seed)
         self.dataset = ShardedDataset.load(spec.dataset_path)
+        self.batch_size = spec.optim.batch_size
+        """Rows per step on this rank (elastic "global" batch: its share of the global batch)."""
+        if spec.elastic is not None:
+            self.batch_size = spec.elastic.per_worker_batch(spec.optim.batch_size, env.world_size)
         self.sync = prepare_config(
             spec.model.build(), spec.sync, env, lambda params: build_optimizer(spec.optim, params)
         )
@@ -124,7 +131,7 @@ class _Trainer:
             )
         self.loader = self.dataset.loader(
             *self.strategy.data_shard,  # the pipeline's stages of one replica read the same rows
-            batch_size=spec.optim.batch_size,
+            batch_size=self.batch_size,
             shuffle=spec.optim.shuffle,
             seed=spec.optim.seed,
             epoch=0,
@@ -139,7 +146,7 @@ class _Trainer:
         """Optimizer steps per epoch (``step`` counts these; batches differ with accumulation)."""
         if self.batches_per_epoch == 0:
             raise DataError(
-                f"batch_size must be at most the rows each worker holds, got {spec.optim.batch_size} "
+                f"batch_size must be at most the rows each worker holds, got {self.batch_size} "
                 f"with {self.dataset.num_rows} rows over {env.world_size} workers. "
                 "Lower batch_size or num_workers"
             )
@@ -166,7 +173,7 @@ class _Trainer:
             env.world_size,
             env.device,
             self.steps_per_epoch,
-            spec.optim.batch_size,
+            self.batch_size,
             spec.optim.epochs,
         )
 
@@ -291,7 +298,7 @@ class _Trainer:
         self.last_loss = mean_loss
         self.epochs_done = epoch + 1
         if self.metric:  # running over the epoch's batches, like the loss (full: drop_last)
-            score = total_score / max(batches * self.spec.optim.batch_size, 1)
+            score = total_score / max(batches * self.batch_size, 1)
             self.metrics.record(epoch, self.step, "train", self.metric, score)
         if self.train_scores:
             was_training = self.model.training
@@ -302,6 +309,7 @@ class _Trainer:
         self._record_optimizer(epoch, reduced[7], reduced[6], epoch_end=True)
         self._report_progress(epoch, int(total_samples), 0.0, seconds=seconds, epoch_end=True)
         self.metrics.record(epoch, self.step, "train", "loss", mean_loss)
+        self.metrics.record(epoch, self.step, "train", "world_size", float(self.env.world_size))
         self.metrics.record(
             epoch, self.step, "train", "samples_per_s", total_samples / max(seconds, 1e-9)
         )
@@ -382,6 +390,8 @@ class _Trainer:
             before_commit=self.metrics.flush,
             sharded=self._save_sharded if self.strategy.sharded_checkpoint else None,
         )
+        if self.spec.elastic is not None and self.checkpointer.resize_requested():
+            raise ResizeRequested(f"stopped at step {self.step} for a resize")
 
     def _save_sharded(self, path: str) -> None:
         """(all ranks) The strategy's pieces of model and optimizer state into ``path``."""
@@ -486,7 +496,7 @@ class _Trainer:
         self.model.eval()
         loader = self.dataset.loader(
             *self.strategy.data_shard,
-            batch_size=self.spec.optim.batch_size,
+            batch_size=self.batch_size,
             shuffle=False,
             split="validation",
             drop_last=False,
@@ -640,6 +650,17 @@ def run_worker(spec: TrainSpec, env: WorkerEnv) -> WorkerResult:
             trainer.end_epoch(epoch)
             if stop:
                 break
+    except ResizeRequested:  # the driver relaunches at another size from this checkpoint
+        trainer.sync.close()
+        return WorkerResult(
+            rank=env.rank,
+            steps=trainer.step,
+            samples=trainer.samples,
+            epochs=trainer.epochs_done,
+            comm_bytes=trainer.strategy.comm_bytes,
+            resumed_from_step=trainer.resumed_from_step,
+            stopped_for_resize=True,
+        )
     except Exception as exc:
         mapped = translated(exc, trainer)
         if mapped is exc:

@@ -23,7 +23,7 @@ def test_every_settable_param_has_its_default_in_training():
     params = {spec.name: spec.default for spec in ESTIMATOR_PARAMS}
     settable = {name: default for name, default in params.items() if name not in NOT_IN_TRAINING}
     assert "shuffle" in settable
-    assert DEFAULTS["training"] == settable
+    assert DEFAULTS["training"] == {**settable, "min_workers": 0, "max_workers": 0}
     assert set(NOT_IN_TRAINING) <= set(params), "NOT_IN_TRAINING names a Param that is gone"
 
 
@@ -58,3 +58,12 @@ def test_a_job_s_bad_input_prints_one_message_naming_the_job_switch(capsys):
         "--set run.mode=overwrite\n"
     )
     assert run_job(lambda argv: 0) == 0
+
+
+def test_min_and_max_workers_make_a_range():
+    from sparkdl.errors import ConfigError
+
+    config = load_config(None, [*JOB, "training.min_workers=1", "training.max_workers=3"])
+    assert estimator_kwargs(config)["num_workers"] == [1, 3]
+    with pytest.raises(ConfigError, match="set together"):
+        estimator_kwargs(load_config(None, [*JOB, "training.min_workers=1"]))
