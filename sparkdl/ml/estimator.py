@@ -317,7 +317,7 @@ class TorchEstimator(
             )
         side = None if distributor.local_mode else spark_side(spark)
         ceiling = None if side is None else static_slot_limit(side)
-        if ceiling is not None and elastic.max_workers > ceiling:
+        if side is not None and ceiling is not None and elastic.max_workers > ceiling:
             raise ConfigError(
                 f"max_workers must be at most the task slots master {side.master} can ever "
                 f"offer, got {elastic.max_workers} with {ceiling} slot(s). Lower max_workers"
