@@ -1,4 +1,4 @@
-"""Benchmarks, one subcommand each: ``python -m benchmarks [loader|launch|train|sync|inference|materialize|inputs|shipping|all]``.
+"""Benchmarks, one subcommand each: ``python -m benchmarks [loader|launch|train|sync|inference|materialize|inputs|shipping|elastic|all]``.
 
 Run from the repository root. ``all`` runs every benchmark with its defaults. Add a benchmark:
 a module with ``add_xxx(subparsers)`` that registers a subcommand with ``func=...``, listed in
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from benchmarks.elastic import add_elastic
 from benchmarks.inference import add_inference
 from benchmarks.inputs import add_inputs
 from benchmarks.launch import add_launch
@@ -28,8 +29,19 @@ BENCHMARKS = [
     add_materialize,
     add_inputs,
     add_shipping,
+    add_elastic,
 ]
-ALL = ("loader", "launch", "train", "sync", "inference", "materialize", "inputs", "shipping")
+ALL = (
+    "loader",
+    "launch",
+    "train",
+    "sync",
+    "inference",
+    "materialize",
+    "inputs",
+    "shipping",
+    "elastic",
+)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -163,6 +163,7 @@ class RunDirectory:
             "workers": change.workers,
             "start_step": change.start_step,
             "why": change.why,
+            "at": time.time(),
         }
         self._record.setdefault("world_sizes", []).append(entry)
         self._record["world_size"] = change.workers

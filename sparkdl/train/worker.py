@@ -309,7 +309,6 @@ class _Trainer:
         self._record_optimizer(epoch, reduced[7], reduced[6], epoch_end=True)
         self._report_progress(epoch, int(total_samples), 0.0, seconds=seconds, epoch_end=True)
         self.metrics.record(epoch, self.step, "train", "loss", mean_loss)
-        self.metrics.record(epoch, self.step, "train", "world_size", float(self.env.world_size))
         self.metrics.record(
             epoch, self.step, "train", "samples_per_s", total_samples / max(seconds, 1e-9)
         )
@@ -327,7 +326,8 @@ class _Trainer:
     def _record_optimizer(
         self, epoch: int, norm_steps: float, norm_sum: float, *, epoch_end: bool = False
     ) -> None:
-        """(chief records) ``lr``, the learning rate the last step used (once per step), and
+        """(chief records) ``lr``, the learning rate the last step used, and ``world_size`` (once
+        per step), and
         with clipping the mean pre-clip gradient norm over ``norm_steps`` steps and the ranks
         (identical under DDP and FSDP; local SGD and the parameter server clip their own):
         ``step_grad_norm`` per window of log_every_steps, ``grad_norm`` per epoch (as
@@ -335,6 +335,8 @@ class _Trainer:
         every = self.spec.optim.log_every_steps
         if not (epoch_end and every and self.step % every == 0):  # else recorded at this step
             self.metrics.record(epoch, self.step, "train", "lr", self.tally.lr)
+            size = float(self.env.world_size)  # changes only between attempts (elastic runs)
+            self.metrics.record(epoch, self.step, "train", "world_size", size)
         if self.spec.optim.grad_clip_norm and norm_steps:
             name = "grad_norm" if epoch_end else "step_grad_norm"
             self.metrics.record(epoch, self.step, "train", name, norm_sum / norm_steps)

@@ -60,6 +60,29 @@ class StandaloneCluster:
     seen_executors: set[int] = field(default_factory=set)
     spark: object = None
 
+    env: dict = field(default_factory=dict)
+    spark_class: str = ""
+
+    def add_worker(self) -> int:
+        """Start one more 1-core worker JVM (stopped with the others); returns its index."""
+        index = len(self.workers)
+        work_dir = os.path.join(self.logs, f"work-{index}")
+        cmd = [self.spark_class, "org.apache.spark.deploy.worker.Worker", self.master_url]
+        cmd += ["--host", LOOPBACK, "--port", str(free_port())]
+        cmd += ["--webui-port", str(free_port()), "--cores", "1", "--memory", "1g"]
+        cmd += ["--work-dir", work_dir]
+        self.workers.append(_start(cmd, self.env, os.path.join(self.logs, f"worker-{index}.log")))
+        return index
+
+    def kill_worker(self, worker: int) -> list[int]:
+        """SIGKILL worker ``worker``'s JVM and its executors, by PID: its slots are gone for good."""
+        pids = [*self.executor_pids(worker), self.workers[worker].pid]
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self.workers[worker].wait(timeout=30)
+        return pids
+
     def executor_pids(self, worker: int) -> list[int]:
         """PIDs of the executor JVMs worker ``worker`` runs now."""
         pids = [
@@ -118,17 +141,14 @@ def spark_standalone_cluster(tmp_path_factory):
     master_cmd += ["--host", LOOPBACK, "--port", str(port), "--webui-port", str(ui)]
     master = _start(master_cmd, env, os.path.join(logs, "master.log"))
     workers: list[subprocess.Popen] = []
-    cluster = StandaloneCluster(f"spark://{LOOPBACK}:{port}", master, workers, logs)
+    cluster = StandaloneCluster(
+        f"spark://{LOOPBACK}:{port}", master, workers, logs, env=env, spark_class=spark_class
+    )
     try:
         master_log = os.path.join(logs, "master.log")
         wait_for_port(port, timeout_s=180, process=master, log=master_log)
-        for i in range(2):
-            work_dir = os.path.join(logs, f"work-{i}")
-            cmd = [spark_class, "org.apache.spark.deploy.worker.Worker", cluster.master_url]
-            cmd += ["--host", LOOPBACK, "--port", str(free_port())]
-            cmd += ["--webui-port", str(free_port()), "--cores", "1", "--memory", "1g"]
-            cmd += ["--work-dir", work_dir]
-            workers.append(_start(cmd, env, os.path.join(logs, f"worker-{i}.log")))
+        for _ in range(2):
+            cluster.add_worker()
         cluster.spark = local_spark_session(
             cluster.master_url,
             app_name="sparkdl-tests-standalone",
