@@ -46,13 +46,14 @@ replicas as fallback).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from sparkdl.data.buffer import buffered, equal_steps
 from sparkdl.data.dataset import (
     ShardedDataset,
     _check_nonnegative,
@@ -64,6 +65,13 @@ from sparkdl.data.input_specs import InputSpec
 from sparkdl.data.inputs import build_inputs, move_to
 from sparkdl.data.prefetch import prefetched
 from sparkdl.data.readers import source_class
+from sparkdl.data.remainder import (
+    Remainder,
+    RemainderSource,
+    Segment,
+    plan_remainder,
+    share_rng,
+)
 from sparkdl.data.sources import RowSource
 from sparkdl.errors import ConfigError, DataError
 
@@ -156,17 +164,17 @@ class ShardLoader:
             verify_checksums=verify_checksums,
             **reader_options,
         )
-        self._steps, self._budget = _equal_steps(self._source.rank_rows, batch_size, drop_last)
+        self._dataset, self.reader = dataset, reader
+        self._steps, self._budget = equal_steps(self._source.rank_rows, batch_size, drop_last)
         if not drop_last and self._source.rank_rows[rank] == 0:
             # A split with fewer rows than ranks: this rank has no row to pad with, so it yields
             # no batch (its len() is 0) and adds nothing to sums over ranks; callers that run
             # collectives per batch (see the worker's evaluate) even the counts out themselves.
             self._steps, self._budget = 0, 0
-        default_rows = _BUFFER_BYTES // _row_bytes(m, split)
-        self.shuffle_buffer_rows = shuffle_buffer_rows or max(
-            2 * batch_size, min(_BUFFER_MAX_ROWS, default_rows)
-        )
+        self._buffer_rows_given = shuffle_buffer_rows
+        self.shuffle_buffer_rows = shuffle_buffer_rows or self._default_buffer_rows(batch_size)
         self._epoch, self._consumed, self._skip = epoch, 0, 0
+        self._remainder: Remainder | None = None  # the rest of an epoch resumed at a new size
         if self._steps == 0:
             log.warning(
                 "sparkdl: rank %d gets 0 batches of %d from split %r (%d rows over %d ranks)",
@@ -176,6 +184,10 @@ class ShardLoader:
                 total,
                 world_size,
             )
+
+    def _default_buffer_rows(self, batch_size: int) -> int:
+        default_rows = _BUFFER_BYTES // _row_bytes(self._manifest, self.split)
+        return max(2 * batch_size, min(_BUFFER_MAX_ROWS, default_rows))
 
     def __len__(self) -> int:
         return self._steps
@@ -188,10 +200,12 @@ class ShardLoader:
         """Select the epoch (reseeds the shuffle) and start it from its first batch."""
         _check_nonnegative("epoch", epoch)
         self._epoch, self._consumed, self._skip = epoch, 0, 0
+        self._remainder = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Position to resume from: the epoch and how many batches of it were handed out."""
-        return {
+        """Position to resume from: the epoch and how many batches of it were handed out, and
+        (``resize``) the chain of earlier sizes when this epoch was resumed at another size."""
+        state: dict[str, Any] = {
             "epoch": self._epoch,
             "batches_consumed": self._consumed,
             "seed": self.seed,
@@ -199,13 +213,22 @@ class ShardLoader:
             "shuffle": self.shuffle,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
+            "drop_last": self.drop_last,
+            "shuffle_buffer_rows": self.shuffle_buffer_rows,
         }
+        if self._remainder is not None and self._remainder.epoch == self._epoch:
+            state["resize"] = self._remainder.to_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: the next iteration continues ``state``'s epoch after its consumed batches.
 
         With the same world size and batch size the resumed batches are exactly the rest of the
-        interrupted epoch. With others, the position is scaled by rows consumed (approximate).
+        interrupted epoch. With others (pyarrow reader), the rest of the epoch is exactly the
+        rows no old rank had trained on, split evenly over the new ranks
+        (:mod:`sparkdl.data.remainder`): this iteration then yields ``len(self) -
+        state_dict()["batches_consumed"]`` batches, the same on every rank. The petastorm
+        reader scales the position by rows consumed instead (approximate, with a warning).
         """
         try:
             epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
@@ -216,26 +239,89 @@ class ShardLoader:
             ) from e
         old_world = int(state.get("world_size", self.world_size))
         old_batch = int(state.get("batch_size", self.batch_size))
-        if (old_world, old_batch) != (self.world_size, self.batch_size):
-            scaled = consumed * old_world * old_batch // (self.world_size * self.batch_size)
-            log.warning(
-                "sparkdl: resuming with world_size/batch_size %d/%d instead of %d/%d; "
-                "position scaled from %d to %d batches (approximate)",
-                self.world_size,
-                self.batch_size,
-                old_world,
-                old_batch,
-                consumed,
-                scaled,
-            )
-            consumed = scaled
+        chain, start = _chain_of(state, epoch)
+        same = (old_world, old_batch) == (self.world_size, self.batch_size)
+        if not chain and (same or consumed <= 0):  # today's path, bit for bit
+            self.set_epoch(epoch)
+            self._skip = self._consumed = min(consumed, self._steps)
+            return
+        if not self._exact_possible(state):
+            self._load_scaled(epoch, consumed, old_world, old_batch)
+            return
+        current = max(0, consumed - start)  # batches of the interrupted segment
+        segments = list(chain)
+        if not same and current > 0:
+            buffer_rows = state.get("shuffle_buffer_rows")
+            if buffer_rows is None:  # a position from before the resize chain
+                buffer_rows = self._buffer_rows_given or self._default_buffer_rows(old_batch)
+            segments.append(Segment(old_world, old_batch, current, int(buffer_rows)))
         self.set_epoch(epoch)
-        self._skip = self._consumed = min(consumed, self._steps)
+        shares = plan_remainder(
+            self._dataset,
+            self.split,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+            segments=segments,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+        )
+        steps = max(share.steps for share in shares)
+        start = max(0, self._steps - steps)
+        self._remainder = Remainder(epoch, tuple(segments), shares[self.rank], start)
+        self._skip = self._consumed = start + (current if same else 0)
+        left = sum(len(share.ids) for share in shares)
+        log.info(
+            "sparkdl: epoch %d resumed at world_size/batch_size %d/%d after %s: %d batches "
+            "of the %d rows not yet trained on per rank",
+            epoch,
+            self.world_size,
+            self.batch_size,
+            [s.to_list()[:3] for s in segments],
+            steps,
+            left,
+        )
+
+    def _exact_possible(self, state: dict[str, Any]) -> bool:
+        """Whether the rest of ``state``'s epoch can be planned exactly here: the pyarrow
+        reader, and the same seed, shuffle, split and drop_last as the position's."""
+        if self.reader != "pyarrow":
+            return False
+        same = (
+            int(state.get("seed", self.seed)) == self.seed
+            and bool(state.get("shuffle", self.shuffle)) == self.shuffle
+            and state.get("split", self.split) == self.split
+            and bool(state.get("drop_last", self.drop_last)) == self.drop_last
+        )
+        if not same:
+            log.warning(
+                "sparkdl: the position's seed/shuffle/split/drop_last differ from this "
+                "loader's; the rest of the epoch cannot be replayed exactly"
+            )
+        return same
+
+    def _load_scaled(self, epoch: int, consumed: int, old_world: int, old_batch: int) -> None:
+        scaled = consumed * old_world * old_batch // (self.world_size * self.batch_size)
+        log.warning(
+            "sparkdl: resuming with world_size/batch_size %d/%d instead of %d/%d; "
+            "position scaled from %d to %d batches (approximate)",
+            self.world_size,
+            self.batch_size,
+            old_world,
+            old_batch,
+            consumed,
+            scaled,
+        )
+        self.set_epoch(epoch)
+        self._skip = self._consumed = min(scaled, self._steps)
 
     def __iter__(self) -> Iterator[Batch]:
         skip, self._skip = self._skip, 0
+        plan = self._remainder if self._remainder and self._remainder.epoch == self._epoch else None
+        skip = max(skip, plan.start) if plan else skip
         self._consumed = skip
-        produced = self._produce(self._epoch, skip)
+        produced = self._produce(self._epoch, skip, plan)
         if self.prefetch_batches > 0:
             produced = prefetched(produced, self.prefetch_batches)
         for batch in produced:
@@ -246,8 +332,8 @@ class ShardLoader:
 
     # --- producer (runs in the prefetch thread) -------------------------------------------
 
-    def _produce(self, epoch: int, skip: int) -> Iterator[Batch]:
-        rows = self._rows(epoch, skip)
+    def _produce(self, epoch: int, skip: int, plan: Remainder | None) -> Iterator[Batch]:
+        rows = self._rows(epoch, skip, plan)
         if self.transform_threads > 1:
             yield from _in_order(self._finish, rows, self.transform_threads)
             return
@@ -257,16 +343,29 @@ class ShardLoader:
         finally:
             rows.close()  # releases the source's files and threads now
 
-    def _rows(self, epoch: int, skip: int) -> Generator[tuple[Any, np.ndarray], None, None]:
-        """The epoch's batches of rows (not yet tensors), after the first ``skip``."""
-        rng = np.random.default_rng([self.seed, epoch, self.rank])
+    def _rows(
+        self, epoch: int, skip: int, plan: Remainder | None
+    ) -> Generator[tuple[Any, np.ndarray], None, None]:
+        """The epoch's batches of rows (not yet tensors), after the first ``skip``; with a
+        remainder ``plan``, its batches after the first ``skip - plan.start``."""
         capacity = self.shuffle_buffer_rows if self.shuffle else self.batch_size
-        chunks = self._source.chunks(rng, self.shuffle)
+        steps, budget = self._steps, self._budget
+        if plan is None:
+            rng = np.random.default_rng([self.seed, epoch, self.rank])
+            chunks = self._source.chunks(rng, self.shuffle)
+        else:
+            rng = share_rng(self.seed, epoch, self.rank, plan.level)
+            source = RemainderSource(
+                self._dataset, self.split, plan.share, verify_checksums=self.verify_checksums
+            )
+            chunks = source.chunks(rng, self.shuffle)
+            steps, budget, skip = plan.share.steps, plan.share.budget, skip - plan.start
         emitted = 0
+        b = self.batch_size
         try:
-            for features, label in self._buffered(chunks, rng, capacity):
+            for features, label in buffered(chunks, rng, capacity, b, budget, self.shuffle):
                 for i in range(0, len(label), self.batch_size):
-                    if emitted >= self._steps:
+                    if emitted >= steps:
                         return
                     emitted += 1
                     if emitted > skip:
@@ -275,56 +374,6 @@ class ShardLoader:
             close = getattr(chunks, "close", None)  # releases the source's files and threads
             if close is not None:
                 close()
-
-    def _buffered(
-        self,
-        chunks: Iterator[tuple[np.ndarray, np.ndarray]],
-        rng: np.random.Generator,
-        capacity: int,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Decoded chunks gathered into (shuffled) buffers of whole batches, then the rest padded
-        up to the budget (drop_last=False) by repeating the rank's first row: every buffer's
-        length is a multiple of the batch size except the last one's."""
-        b = self.batch_size
-        feats: list[np.ndarray] = []
-        labels: list[np.ndarray] = []
-        buffered, left = 0, self._budget
-        first: tuple[np.ndarray, np.ndarray] | None = None
-        for f, y in chunks:
-            if not len(y):
-                continue
-            first = first or (f[0:1], y[:1])
-            feats.append(f)
-            labels.append(y)
-            buffered += len(y)
-            if buffered >= capacity and buffered >= b:
-                F, Y = self._mix(feats, labels, rng)
-                full = min(buffered // b * b, left // b * b)
-                yield F[:full], Y[:full]
-                left -= full
-                if left <= 0:
-                    return
-                feats, labels, buffered = [F[full:]], [Y[full:]], buffered - full
-        if buffered < left and first is not None:  # drop_last=False: a short rank repeats a row
-            feats.append(_repeat_row(first[0], left - buffered))
-            labels.append(np.repeat(first[1], left - buffered, axis=0))
-        if feats:
-            F, Y = self._mix(feats, labels, rng)
-            yield F[:left], Y[:left]
-
-    def _mix(
-        self, feats: list[np.ndarray], labels: list[np.ndarray], rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        F = feats[0] if len(feats) == 1 else _concat(feats)
-        Y = labels[0] if len(labels) == 1 else np.concatenate(labels)
-        if self.shuffle and len(Y) > 1:
-            perm = rng.permutation(len(Y))
-            if isinstance(F, pa.Table):
-                F = F.take(pa.array(perm))
-            else:
-                F = np.take(F, perm, axis=0)  # take: ~2x faster than F[perm]
-            Y = np.take(Y, perm)
-        return F, Y
 
     def _finish(self, features: Any, label: np.ndarray) -> Batch:
         if isinstance(features, pa.Table):
@@ -433,19 +482,6 @@ def _row_bytes(m: Any, split: str) -> int:
     return max(4 * (m.feature_dim + 1), 2 * sum(f.bytes for f in m.files_of(split)) // rows)
 
 
-def _concat(parts: list[Any]) -> Any:
-    if isinstance(parts[0], pa.Table):
-        return pa.concat_tables(parts).combine_chunks()
-    return np.concatenate(parts)
-
-
-def _repeat_row(rows: Any, count: int) -> Any:
-    """The first row of ``rows`` (an array or a table) ``count`` times."""
-    if isinstance(rows, pa.Table):
-        return rows.take(pa.array(np.zeros(count, dtype=np.int64)))
-    return np.repeat(rows, count, axis=0)
-
-
 def _pinned(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -454,11 +490,18 @@ def _writable(a: np.ndarray) -> np.ndarray:
     return a if a.flags.writeable else a.copy()
 
 
-def _equal_steps(rank_rows: Sequence[int], batch_size: int, drop_last: bool) -> tuple[int, int]:
-    """(batches, rows) every rank yields per epoch, from the rows each rank reads: the fewest
-    rows' whole batches (drop_last), else the most rows' batches, shorter ranks padded."""
-    if drop_last:
-        steps = min(rank_rows) // batch_size
-        return steps, steps * batch_size
-    budget = max(rank_rows)
-    return -(-budget // batch_size), budget
+def _chain_of(state: dict[str, Any], epoch: int) -> tuple[list[Segment], int]:
+    """The earlier sizes of ``epoch`` a position records (``resize``), and where its own
+    segment's ``batches_consumed`` starts; none for a position of another epoch or one written
+    before the chain existed."""
+    resize = state.get("resize")
+    if not isinstance(resize, dict) or int(resize.get("epoch", -1)) != epoch:
+        return [], 0
+    try:
+        chain = [Segment(*(int(v) for v in seg)) for seg in resize["segments"]]
+        return chain, int(resize["start"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(
+            f"state['resize'] must hold 'segments' and 'start', got {resize!r}. "
+            "Pass what ShardLoader.state_dict() returned."
+        ) from e

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -55,12 +55,15 @@ class RowSource(Protocol):
 
 @dataclass(frozen=True)
 class _Piece:
-    """Rows ``[lo, hi)`` of row group ``row_group`` of file ``file_index`` (in the split's files)."""
+    """Rows ``[lo, hi)`` of row group ``row_group`` of file ``file_index`` (in the split's files);
+    with ``take``, only those rows of the row group, in that order (a resumed epoch's remainder,
+    see :mod:`sparkdl.data.remainder`)."""
 
     file_index: int
     row_group: int
     lo: int
     hi: int
+    take: np.ndarray | None = field(default=None, compare=False)
 
 
 def plan_pieces(files: list[FileEntry], start: int, stop: int) -> list[_Piece]:
@@ -102,6 +105,10 @@ class PyArrowSource:
         pieces = plan_pieces(self._files, self._start, self._stop)
         if shuffle:
             pieces = [pieces[i] for i in rng.permutation(len(pieces))]
+        yield from self._read(pieces)
+
+    def _read(self, pieces: list[_Piece]) -> Iterator[Chunk]:
+        """The pieces decoded in order; closing the iterator closes the files."""
         handles: dict[int, pq.ParquetFile] = {}
         try:
             yield from self._read_ahead(pieces, handles)
@@ -135,7 +142,9 @@ class PyArrowSource:
             handles[piece.file_index] = pf
         m = self._dataset.manifest
         table = pf.read_row_groups([piece.row_group], columns=list(m.stored_cols), use_threads=True)
-        if piece.lo or piece.hi < table.num_rows:
+        if piece.take is not None:
+            table = table.take(pa.array(piece.take))
+        elif piece.lo or piece.hi < table.num_rows:
             table = table.slice(piece.lo, piece.hi - piece.lo)
         return decode_table(table, m)
 
