@@ -25,6 +25,20 @@ prefetch depth: the rank's row-group pieces are visited in a permuted order, and
 permuted inside a bounded buffer of ``shuffle_buffer_rows`` rows. ``shuffle=False`` yields the
 slice in file order: batch ``i`` is rows ``[i*b, (i+1)*b)`` of the slice.
 
+Resume (``state_dict``/``load_state_dict``). The position is the epoch and the batches every
+rank consumed of it (equal steps: the chief's position is every rank's). At the same world size
+and batch size the resumed ranks skip those batches: exactly the rest of the epoch. At another
+size (the pyarrow reader, plain or named inputs) the rest of the epoch is exactly the rows no
+old rank had trained on, split evenly over the new ranks (:mod:`sparkdl.data.remainder`: an
+index-only replay of the old ranks' orders, no data read); fewer than ``world_size ×
+batch_size`` of them are that epoch's ``drop_last`` remainder. ``len(loader)`` stays the
+normal epoch's count on every rank, and the resumed position starts at ``len(loader)`` minus
+the remainder's batches, so a loop that counts ``batches_consumed`` up to ``len(loader)`` ends
+with it. The position then keeps the chain of earlier sizes (``resize``), so a second change
+in the same epoch is exact too; positions without it (older checkpoints) load as before. The
+next epoch is a normal one. The petastorm reader scales the position by rows instead
+(approximate, with a warning).
+
 Batches are ``(features, label)``: ``features`` float32 ``[B, F]`` (the feature columns
 concatenated in ``feature_cols`` order), ``label`` int64 ``[B]`` for integer labels, float32
 otherwise. A ``transform(batch: dict[str, Tensor]) -> dict`` hook runs in the loader thread on
