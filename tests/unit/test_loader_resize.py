@@ -202,3 +202,15 @@ def test_global_batch_is_the_same_at_two_and_four_workers():
         per_worker_batch(64, 3)
     with pytest.raises(ConfigError, match="world_size"):
         per_worker_batch(8, 16)
+
+
+def test_a_position_of_other_settings_falls_back_to_scaling_with_a_warning(tmp_path, caplog):
+    ds = _plain(tmp_path)
+    _, state = _run(ds, [(2, 3, 2)], epoch=0, shuffle=True)
+    ld = ds.loader(0, 1, batch_size=3, seed=12)  # another seed: the old order is unknown
+    with caplog.at_level("WARNING", logger="sparkdl"):
+        ld.load_state_dict(state)
+    assert "approximate" in caplog.text and ld.state_dict()["batches_consumed"] == 4
+    assert "resize" not in ld.state_dict()
+    with pytest.raises(ConfigError, match="resize"):
+        ld.load_state_dict(dict(state, resize={"epoch": 0, "segments": [["x"]]}))
