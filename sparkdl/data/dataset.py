@@ -34,7 +34,7 @@ from sparkdl.errors import ConfigError, DataError
 if TYPE_CHECKING:
     from sparkdl.data.loader import ShardLoader
 
-__all__ = ["ShardedDataset", "per_worker_batch", "rank_slice", "steps_for"]
+__all__ = ["ShardedDataset", "rank_slice", "steps_for"]
 
 log = logging.getLogger("sparkdl")
 
@@ -52,23 +52,6 @@ def steps_for(total: int, world_size: int, batch_size: int, drop_last: bool = Tr
     if drop_last:
         return (total // world_size) // batch_size
     return math.ceil(math.ceil(total / world_size) / batch_size)
-
-
-def per_worker_batch(global_batch: int, world_size: int) -> int:
-    """Rows per worker per batch under ``elastic_batch="global"``: the global batch (fixed
-    across size changes) split evenly over ``world_size`` workers; ConfigError when it does not
-    divide, naming both numbers and the worker counts that would."""
-    _check_positive("global_batch", global_batch)
-    _check_positive("world_size", world_size)
-    if global_batch % world_size:
-        fits = [w for w in range(1, global_batch + 1) if global_batch % w == 0]
-        shown = ", ".join(map(str, fits[:12])) + (", ..." if len(fits) > 12 else "")
-        raise ConfigError(
-            f"world_size must divide the global batch {global_batch} (elastic_batch='global'), "
-            f"got {world_size}. Run {shown} workers, or pick a global batch that "
-            f"{world_size} divides."
-        )
-    return global_batch // world_size
 
 
 class ShardedDataset:

@@ -9,7 +9,6 @@ import pyarrow as pa
 import pytest
 
 from sparkdl.data import ShardedDataset
-from sparkdl.data.dataset import per_worker_batch
 from sparkdl.data.manifest import write_dataset
 from sparkdl.errors import ConfigError
 
@@ -193,15 +192,6 @@ def test_an_epoch_end_position_starts_the_next_epoch_normally(tmp_path):
     state = dict(state, epoch=1, batches_consumed=0)  # as the worker's end_epoch writes it
     nxt, _ = _run(ds, [(1, 4, None)], epoch=1, shuffle=True, state=state)
     assert nxt == _run(ds, [(1, 4, None)], epoch=1, shuffle=True)[0]
-
-
-def test_global_batch_is_the_same_at_two_and_four_workers():
-    assert per_worker_batch(64, 2) * 2 == per_worker_batch(64, 4) * 4 == 64
-    assert per_worker_batch(64, 4) == 16 and per_worker_batch(7, 1) == 7
-    with pytest.raises(ConfigError, match=r"64.*3|3.*64"):
-        per_worker_batch(64, 3)
-    with pytest.raises(ConfigError, match="world_size"):
-        per_worker_batch(8, 16)
 
 
 def test_a_position_of_other_settings_falls_back_to_scaling_with_a_warning(tmp_path, caplog):
