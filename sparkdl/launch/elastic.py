@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -33,7 +34,14 @@ from sparkdl.config import ElasticConfig
 from sparkdl.errors import ConfigError
 from sparkdl.rundir.layout import RunLayout
 
-__all__ = ["ElasticSizer", "GrowWatch", "SizeChange", "elastic_config", "launch_sizes"]
+__all__ = [
+    "ElasticSizer",
+    "GrowWatch",
+    "SizeChange",
+    "elastic_config",
+    "launch_sizes",
+    "make_sizer",
+]
 
 log = logging.getLogger("sparkdl")
 
@@ -80,6 +88,36 @@ def launch_sizes(config: ElasticConfig, sync: Any, batch_size: int) -> list[int]
             sync.typed_options().num_servers,
         )
     return sizes
+
+
+def make_sizer(
+    side: Any,
+    config: ElasticConfig,
+    sync: Any,
+    checkpoint: Any,
+    batch_size: int,
+    *,
+    timeout_s: float,
+) -> ElasticSizer:
+    """(driver, before anything is written) The sizer of an elastic fit; ConfigError when
+    ``max_workers`` exceeds the slots a ``local[N]``/``local-cluster`` master can ever offer."""
+    from sparkdl.launch.checks import static_slot_limit
+
+    if not checkpoint.every_steps and not checkpoint.every_epochs:
+        log.warning(
+            "sparkdl: num_workers is a range but checkpoints are off: the run can shrink after "
+            "a loss (from the start) but never grows. Set checkpoint_every_steps"
+        )
+    ceiling = None if side is None else static_slot_limit(side)
+    if side is not None and re.fullmatch(r"local(\[.*\])?", side.master or ""):
+        ceiling = side.task_slots()  # local[N]: the count is final
+    if side is not None and ceiling is not None and config.max_workers > ceiling:
+        raise ConfigError(
+            f"max_workers must be at most the task slots master {side.master} can ever offer, "
+            f"got {config.max_workers} with {ceiling} slot(s). Lower max_workers"
+        )
+    sizes = launch_sizes(config, sync, batch_size)
+    return ElasticSizer(side, config, sizes, timeout_s=timeout_s)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from pyspark.ml.base import Estimator
 from pyspark.ml.util import MLReadable, MLWritable
 
 from sparkdl import storage
-from sparkdl._checks import expect_bool, expect_int, expect_name, expect_number
 from sparkdl.artifacts import RunDirectory
 from sparkdl.columns import quote_column
 from sparkdl.config import (
@@ -35,15 +34,16 @@ from sparkdl.config import (
     TrainSpec,
 )
 from sparkdl.data import ShardedDataset, materialize
-from sparkdl.data.bad_input import check_on_invalid, read_input
-from sparkdl.data.input_specs import check_feature_cols, input_columns, is_named, specs_to_json
+from sparkdl.data.bad_input import read_input
+from sparkdl.data.input_specs import input_columns, is_named, specs_to_json
 from sparkdl.data.manifest import MANIFEST_NAME
 from sparkdl.errors import ConfigError, DataError
 from sparkdl.knobs import check_strategy_knobs
-from sparkdl.launch.elastic import elastic_config, launch_sizes
+from sparkdl.launch.elastic import elastic_config, launch_sizes, make_sizer
 from sparkdl.launch.launcher import job_description
 from sparkdl.launch.progress import RunMonitor, SparkPhaseProgress
 from sparkdl.ml.driver_check import check_model_on_driver
+from sparkdl.ml.estimator_checks import check_estimator_values
 from sparkdl.ml.model import OUTPUT_PARAMS, TorchModel, check_output_params
 from sparkdl.ml.params import REQUIRED, ParamSpec, TableParams, as_dict, as_list, with_params
 from sparkdl.ml.persistence import ParamsPersistence
@@ -177,58 +177,6 @@ class _Configs:
     checkpoint: CheckpointConfig
 
 
-def _check_estimator_values(v: dict[str, Any]) -> None:
-    feature_cols = check_feature_cols(v.get("feature_cols"))
-    named_options = [k for k in ("feature_shapes", "max_lengths", "pad_values") if v.get(k)]
-    if named_options and not is_named(feature_cols):
-        raise ConfigError(
-            f"feature_cols must be a dict of named inputs to use {named_options[0]}, got "
-            f"{feature_cols!r}. Name the inputs, e.g. feature_cols={{'image': 'image'}}"
-        )
-    if v.get("transform_fn") is not None and not callable(v["transform_fn"]):
-        raise ConfigError(
-            f"transform_fn must be None or a function of the batch dict, got "
-            f"{v['transform_fn']!r}. Pass e.g. transform_fn=lambda batch: batch"
-        )
-    expect_name("run_dir", v.get("run_dir"))
-    labels = v.get("label_col")
-    if isinstance(labels, list):
-        if not labels or not all(isinstance(c, str) and c for c in labels):
-            raise ConfigError(
-                f"label_col must be a column name or a non-empty list of them, got {labels!r}. "
-                "Pass e.g. 'label' or ['clicked', 'rating']"
-            )
-        if len(labels) > 1 and isinstance(v.get("loss"), str):
-            raise ConfigError(
-                f"loss must be a callable loss(outputs, labels) for several label columns "
-                f"(labels is then a tuple of tensors), got loss={v['loss']!r} with label_col="
-                f"{labels!r}. Pass loss=lambda out, ys: ..., or one label column"
-            )
-    else:
-        expect_name("label_col", labels)
-    if not isinstance(v.get("sample_weight_col"), str):
-        raise ConfigError(
-            f"sample_weight_col must be a column name or empty, got {v.get('sample_weight_col')!r}"
-            ". Pass e.g. 'weight'"
-        )
-    elastic_config(v)
-    fraction = expect_number(
-        "validation_fraction", v["validation_fraction"], "Use e.g. 0.1", at_least=0, below=1
-    )
-    if not isinstance(v["validation_col"], str) or (fraction and v["validation_col"]):
-        raise ConfigError(
-            f"validation_col must be a column name used without validation_fraction, got "
-            f"{v['validation_col']!r} with validation_fraction={fraction}. Use one of them"
-        )
-    expect_number("collective_timeout_s", v["collective_timeout_s"], "Use e.g. 120", above=0)
-    for name in ("use_gpu", "overwrite", "resume", "progress", "driver_check", "allow_unencrypted"):
-        expect_bool(name, v[name])
-    expect_int("max_restarts", v["max_restarts"], "Use 0 to never restart", low=0)
-    check_on_invalid(v["on_invalid"])
-    FaultInjection.coerce(v["fault_injection"])
-    MlflowConfig.coerce(v.get("mlflow"))
-
-
 @with_params(ESTIMATOR_PARAMS)
 class TorchEstimator(
     TableParams, Estimator[TorchModel], ParamsPersistence, MLWritable, MLReadable["TorchEstimator"]
@@ -251,7 +199,7 @@ class TorchEstimator(
 
     def _validate(self) -> None:
         values = self.values()
-        _check_estimator_values(values)
+        check_estimator_values(values)
         check_output_params(values)
         configs = self._configs()
         sync = configs.sync
@@ -307,23 +255,15 @@ class TorchEstimator(
         """The elastic sizer of a ``num_workers=(min, max)`` fit, else None."""
         if elastic is None:
             return None
-        from sparkdl.launch.checks import static_slot_limit
-        from sparkdl.launch.elastic import ElasticSizer
-
-        if not configs.checkpoint.every_steps and not configs.checkpoint.every_epochs:
-            log.warning(
-                "sparkdl: num_workers is a range but checkpoints are off: the run can shrink "
-                "after a loss (from the start) but never grows. Set checkpoint_every_steps"
-            )
         side = None if distributor.local_mode else spark_side(spark)
-        ceiling = None if side is None else static_slot_limit(side)
-        if side is not None and ceiling is not None and elastic.max_workers > ceiling:
-            raise ConfigError(
-                f"max_workers must be at most the task slots master {side.master} can ever "
-                f"offer, got {elastic.max_workers} with {ceiling} slot(s). Lower max_workers"
-            )
-        sizes = launch_sizes(elastic, configs.sync, self.get("batch_size"))
-        return ElasticSizer(side, elastic, sizes, timeout_s=distributor.timeout_s)
+        return make_sizer(
+            side,
+            elastic,
+            configs.sync,
+            configs.checkpoint,
+            self.get("batch_size"),
+            timeout_s=distributor.timeout_s,
+        )
 
     def _distributor(self, spark: SparkSession) -> Any:
         from sparkdl.launch import Distributor
