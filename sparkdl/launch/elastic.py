@@ -81,6 +81,18 @@ def launch_sizes(config: ElasticConfig, sync: Any, batch_size: int) -> list[int]
             f"num_workers must allow a size strategy={sync.strategy!r} accepts, got "
             f"({config.min_workers}, {config.max_workers}). Widen the range"
         )
+    skipped = [n for n in range(config.min_workers, config.max_workers + 1) if n not in sizes]
+    if skipped:
+        log.info(
+            "sparkdl: num_workers range (%d, %d): sizes %s are never launched (strategy %r or "
+            "the %s batch cannot use them); launches pick among %s",
+            config.min_workers,
+            config.max_workers,
+            skipped,
+            sync.strategy,
+            config.batch.replace("_", "-"),
+            sizes,
+        )
     if sync.strategy == "parameter_server":
         log.info(
             "sparkdl: elastic parameter server: the worker count follows the slots, the "

@@ -132,13 +132,17 @@ class SyncStrategy:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(all ranks) Forward and backward of one batch: ``loss_fn(module(inputs), labels)``;
         returns the loss (detached) and ``score_fn(outputs, labels)`` (0 without one)."""
+        outputs, loss = self._forward(inputs, labels, loss_fn)
+        loss.backward()
+        return loss.detach(), _score(score_fn, outputs, labels)
+
+    def _forward(self, inputs: Any, labels: Any, loss_fn: Callable[[Any, Any], Any]) -> Any:
+        """The wrapped module's outputs on ``inputs`` and their loss."""
         from sparkdl.data.inputs import call_model
 
         assert self._wrapped is not None, "wrap() first"
         outputs = call_model(self._wrapped, inputs)
-        loss = loss_fn(outputs, labels)
-        loss.backward()
-        return loss.detach(), _score(score_fn, outputs, labels)
+        return outputs, loss_fn(outputs, labels)
 
     def eval_step(
         self,
@@ -148,11 +152,7 @@ class SyncStrategy:
         score_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(all ranks) :meth:`train_step` without gradients (call it under ``torch.no_grad()``)."""
-        from sparkdl.data.inputs import call_model
-
-        assert self._wrapped is not None, "wrap() first"
-        outputs = call_model(self._wrapped, inputs)
-        loss = loss_fn(outputs, labels)
+        outputs, loss = self._forward(inputs, labels, loss_fn)
         return loss.detach(), _score(score_fn, outputs, labels)
 
     def before_step(self, step: int) -> None:
