@@ -117,10 +117,10 @@ def run_elastic(args: argparse.Namespace) -> dict[str, Any]:
     shrink = next(s for s in sizes if s["workers"] == 1)
     grow = next(s for s in sizes if s["why"] == "grow")
     lost_to_training = (
-        _first_step_after(metrics, shrink["start_step"], shrink["at"]) - marks["killed"]
+        _first_step_after(metrics, shrink["start_step"], shrink["started_at"]) - marks["killed"]
     )
     slots_to_training = (
-        _first_step_after(metrics, grow["start_step"], grow["at"]) - marks["slots_back"]
+        _first_step_after(metrics, grow["start_step"], grow["started_at"]) - marks["slots_back"]
     )
     step_s = float(metrics[metrics.name == "step_loss"].wall_time.diff().median())
     result = {

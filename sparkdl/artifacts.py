@@ -163,7 +163,7 @@ class RunDirectory:
             "workers": change.workers,
             "start_step": change.start_step,
             "why": change.why,
-            "at": time.time(),
+            "started_at": time.time(),
         }
         self._record.setdefault("world_sizes", []).append(entry)
         self._record["world_size"] = change.workers
@@ -202,10 +202,7 @@ class RunDirectory:
         self._write()
 
     def _write(self) -> None:
-        record = dict(self._record)
-        for key, value in self._record.items():  # every *_at time (Unix s) also in ISO 8601, UTC
-            if key.endswith("_at") and isinstance(value, (int, float)):
-                record[f"{key}_utc"] = _iso(value)
+        record = _with_utc(self._record)
         data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
         storage.write_file(self.layout.run_file, data)
 
@@ -315,3 +312,17 @@ def _iso(seconds: float) -> str:
 
     moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _with_utc(record: Any) -> Any:
+    """``record`` with every ``*_at`` time (Unix seconds), at any depth, also in ISO 8601 UTC
+    as ``*_at_utc`` (attempts, world_sizes ...)."""
+    if isinstance(record, list):
+        return [_with_utc(item) for item in record]
+    if not isinstance(record, dict):
+        return record
+    out = {key: _with_utc(value) for key, value in record.items()}
+    for key, value in record.items():
+        if key.endswith("_at") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{key}_utc"] = _iso(value)
+    return out

@@ -22,6 +22,7 @@ def test_a_range_launches_with_the_slots_there_are(digits, tmp_path, digits_esti
         run = json.load(fh)
     assert [(s["workers"], s["why"]) for s in run["world_sizes"]] == [(2, "start")]
     assert run["world_size"] == 2
+    assert run["world_sizes"][0]["started_at_utc"].endswith("Z")  # nested times get twins too
     rows = model.metrics.toPandas()
     assert set(rows[rows.name == "world_size"].value) == {2.0}
     assert estimator.getNumWorkers() == [1, 2]
